@@ -1,0 +1,26 @@
+"""The repository keeps its promises to a newcomer."""
+
+import os
+
+from conftest import ROOT
+
+
+def read(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return f.read()
+
+
+def test_ci_runs_the_readme_test_command():
+    command = read(".ci/run").strip().splitlines()[-1]
+    assert command.startswith("python -m pip install") and "pytest" in command
+    assert f"    {command}\n" in read("README.md")
+
+
+def test_readme_train_command_uses_the_script():
+    assert "    python -m pip install -r requirements.txt && python dqn_atari_meanexp.py --env-id ALE/Breakout-v5\n" in read("README.md")
+
+
+def test_requirements_pin_the_cpu_installable_torch():
+    lines = [line.split("#")[0].strip() for line in read("requirements.txt").splitlines()]
+    assert "torch==2.13.0" in lines  # a loose torch pulls a multi-GB CUDA build on CPU machines
+    assert all("==" in line for line in lines if line)  # every dependency pinned
