@@ -20,6 +20,7 @@ loss and update -> evaluation -> logging -> training loop.
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import random
@@ -170,11 +171,8 @@ def check_args(args: Args) -> list:
         errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
     if args.run_name is not None and (not args.run_name or "/" in args.run_name or args.run_name in (".", "..")):
         errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
-    if args.capture_video:
-        import importlib.util
-
-        if importlib.util.find_spec("moviepy") is None:
-            errors.append("--capture-video needs moviepy: pip install moviepy")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        errors.append("--capture-video needs moviepy: pip install moviepy")
     return errors
 
 
@@ -275,6 +273,7 @@ class QNetwork(nn.Module):
 
 
 def make_network(args: Args, n_actions: int, me_coef: float) -> nn.Module:
+    """The one place the training loop learns which network class it trains."""
     return QNetwork(n_actions, me_coef)
 
 
@@ -451,31 +450,23 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
     Q(s_t, a_t) minus the realized discounted return from t on sign-clipped rewards.
     """
     network.eval()
-    scores, lengths, errors = [], [], []
-    steps, obs, done = 0, env.reset()[0], False
-    ep_q, ep_r, ep_score = [], [], 0.0
-    while True:
+    finished, episode = [], ([], [], [])  # an episode: predicted Q(s_t, a_t), sign-clipped rewards, raw rewards
+    obs, steps = env.reset()[0], 0
+    while not ((max_episodes is not None and len(finished) >= max_episodes) or (max_steps is not None and steps >= max_steps)):
         q = network.q_values(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
         action = int(rng.integers(len(q))) if rng.random() < epsilon else int(q.argmax())
         obs, reward, terminated, truncated, _ = env.step(action)
         steps += 1
-        ep_q.append(q[action])
-        ep_r.append(np.sign(reward))
-        ep_score += float(reward)
-        done = terminated or truncated
-        if done:
-            scores.append(ep_score)
-            lengths.append(len(ep_r))
-            errors.append(np.asarray(ep_q) - discounted_returns(ep_r, gamma))
-            ep_q, ep_r, ep_score = [], [], 0.0
-            obs = env.reset()[0]
-        if (max_episodes is not None and len(scores) >= max_episodes) or (max_steps is not None and steps >= max_steps):
-            break
-    if not scores:  # the step budget ended inside the first episode: score what was played
-        scores, lengths = [ep_score], [len(ep_r)]
-        errors.append(np.asarray(ep_q) - discounted_returns(ep_r, gamma))
+        for values, value in zip(episode, (q[action], np.sign(reward), float(reward))):
+            values.append(value)
+        if terminated or truncated:
+            finished.append(episode)
+            episode, obs = ([], [], []), env.reset()[0]
     network.train()
-    return {"scores": scores, "lengths": lengths, "overestimation": float(np.concatenate(errors).mean()), "steps": steps}
+    episodes = finished or [episode]  # the step budget ended inside the first episode: score what was played
+    errors = np.concatenate([np.asarray(q) - discounted_returns(r, gamma) for q, r, _ in episodes])
+    return {"scores": [sum(raw) for _, _, raw in episodes], "lengths": [len(r) for _, r, _ in episodes],
+            "overestimation": float(errors.mean()), "steps": steps}
 
 
 # ---------------------------------------------------------------------------
@@ -556,6 +547,7 @@ def main(args: Args):
 
     envs = make_train_envs(args, run_dir)
     eval_env = make_env(args, args.seed + 10_000, evaluation=True)()
+    eval_env.reset(seed=args.seed + 10_000)  # seeds the eval games once; later resets continue its RNG
     eval_rng = np.random.default_rng(args.seed + 10_000)
     q_network = make_network(args, n_actions, me_coef).to(device)
     target_network = copy.deepcopy(q_network)
