@@ -130,6 +130,9 @@ class Args:
     """seconds between console progress lines"""
 
 
+POSITIVE_ALGO_FLAGS = ()  # settings of this algorithm alone that must be > 0 (DQN has none)
+
+
 # ---------------------------------------------------------------------------
 # Checking the command line: every mistake is reported before anything is allocated
 # ---------------------------------------------------------------------------
@@ -140,12 +143,13 @@ def check_args(args: Args) -> list:
     errors = []
     if args.env_id not in gym.registry:
         close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
-        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "; use e.g. ALE/Breakout-v5 or BreakoutNoFrameskip-v4"))
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5 or BreakoutNoFrameskip-v4"
+        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
     elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
         errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
                 "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "adam_eps",
-                "progress_interval"]
+                "progress_interval", *POSITIVE_ALGO_FLAGS]
     non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts"]
     probabilities = ["sticky_action_prob", "start_e", "end_e", "eval_epsilon"]
     for name in positive:
@@ -177,15 +181,25 @@ def check_args(args: Args) -> list:
 
 
 def available_memory_bytes() -> int:
-    """Memory the OS can give this process now without swapping (MemAvailable on Linux)."""
+    """Memory this process can still get: the machine's MemAvailable, or less where a cgroup
+    (a container, a SLURM job) sets a lower limit."""
+    def read_int(path):
+        try:
+            with open(path) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None  # no such file, or "max": no limit
+
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, usage in [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]:
+        limit, usage = read_int(f"/sys/fs/cgroup/{limit}"), read_int(f"/sys/fs/cgroup/{usage}")
+        if limit is not None and usage is not None:
+            free = min(free, limit - usage)
+    return free
 
 
 # ---------------------------------------------------------------------------
@@ -383,7 +397,7 @@ class ReplayBuffer:
 
 
 # ---------------------------------------------------------------------------
-# Loss and update: the DQN algorithm, unchanged by the mean-expansion head
+# Loss and update: the learning algorithm itself, which the mean-expansion head does not change
 # ---------------------------------------------------------------------------
 
 
@@ -501,6 +515,9 @@ def crossed(before: int, after: int, interval: int) -> int:
     return after // interval - before // interval if interval > 0 else 0
 
 
+HEADROOM_BYTES = 10**9  # PyTorch, the networks, the envs: what a run needs besides its replay buffer
+
+
 def fail(errors: list):
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
@@ -522,10 +539,11 @@ def main(args: Args):
     me_coef = float(n_actions if args.me_coef is None else args.me_coef)
     replay_bytes, free_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
     print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
-          f"({replay_bytes / max(args.buffer_size, 1):,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
-    if replay_bytes > free_bytes:
-        fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB but only {free_bytes / 1e9:.2f} GB "
-              f"of memory is available; lower --buffer-size (each transition takes about 7 kB)"])
+          f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
+    if replay_bytes + HEADROOM_BYTES > free_bytes:  # numpy commits the pages only as they fill: refuse now, not hours in
+        fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
+              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available; lower --buffer-size "
+              f"(each transition takes about 7 kB)"])
     run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{me_coef:g}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     if os.path.exists(run_dir):
@@ -540,6 +558,7 @@ def main(args: Args):
 
     os.makedirs(run_dir)
     settings = effective_settings(args, n_actions, me_coef, device)
+    settings["run_name"] = run_name
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(settings, f, indent=2)
     writer = SummaryWriter(run_dir)
@@ -626,7 +645,7 @@ def main(args: Args):
             eta = (args.total_timesteps - global_step) * elapsed / max(global_step, 1)
             recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
             print(f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) | "
-                  f"{global_step / elapsed:,.0f} SPS | elapsed {format_duration(elapsed)} | ETA {format_duration(eta)} | "
+                  f"{global_step / elapsed:,.0f} SPS overall | elapsed {format_duration(elapsed)} | ETA {format_duration(eta)} | "
                   f"return (last {len(recent_returns)}) {recent}", flush=True)
     envs.close()
 

@@ -54,8 +54,8 @@ def test_all_mistakes_are_reported_at_once(in_tmp, capsys):
 
 def test_buffer_larger_than_memory_is_refused_before_allocating(in_tmp, capsys, monkeypatch):
     monkeypatch.setattr(dqn, "available_memory_bytes", lambda: 8 * 10**9)
-    err = run_main(in_tmp, ["--buffer-size", "2000000", "--env-id", "ALE/Pong-v5"], capsys)
-    assert "--buffer-size 2000000 needs 14.13 GB" in err and "8.00 GB" in err
+    err = run_main(in_tmp, ["--buffer-size", "1000000", "--env-id", "ALE/Pong-v5"], capsys)
+    assert "--buffer-size 1000000 needs 7.07 GB (plus 1 GB" in err and "only 8.00 GB" in err
     assert not (in_tmp / "runs").exists()
 
 
