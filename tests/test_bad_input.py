@@ -8,6 +8,7 @@ import pytest
 import tyro
 
 import dqn_atari_meanexp as dqn
+import iqn_atari_meanexp as iqn
 from conftest import ROOT
 
 BAD = [
@@ -31,16 +32,26 @@ BAD = [
 ]
 
 
-def run_main(in_tmp, flags, capsys):
+def run_main(in_tmp, flags, capsys, script=dqn):
     with pytest.raises(SystemExit) as exit_info:
-        dqn.main(tyro.cli(dqn.Args, args=flags))
+        script.main(tyro.cli(script.Args, args=flags))
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags,words", BAD, ids=[" ".join(f) for f, _ in BAD])
-def test_bad_value_is_named_and_nothing_is_written(in_tmp, capsys, flags, words):
-    err = run_main(in_tmp, flags, capsys)
+IQN_BAD = [
+    (["--num-tau-samples", "0"], ["--num-tau-samples", "(got 0)"]),
+    (["--num-tau-prime-samples", "-1"], ["--num-tau-prime-samples", "(got -1)"]),
+    (["--num-quantile-samples", "0"], ["--num-quantile-samples", "(got 0)"]),
+    (["--kappa", "0"], ["--kappa", "(got 0.0)"]),
+    (["--me-coef", "-1"], ["--me-coef", "plain IQN"]),
+]
+CASES = [(dqn, f, w) for f, w in BAD] + [(iqn, f, w) for f, w in BAD + IQN_BAD]
+
+
+@pytest.mark.parametrize("script,flags,words", CASES, ids=[f"{s.ALGO} {' '.join(f)}" for s, f, _ in CASES])
+def test_bad_value_is_named_and_nothing_is_written(in_tmp, capsys, script, flags, words):
+    err = run_main(in_tmp, flags, capsys, script)
     assert err.startswith("error: ")
     for word in words:
         assert word in err
@@ -68,9 +79,10 @@ def test_existing_run_directory_is_never_overwritten(in_tmp, capsys):
     assert (run_dir / "final_eval.json").read_text() == "precious"
 
 
-@pytest.mark.parametrize("flags,word", [(["--me-coef", "-1"], "-1.0"), (["--total-timesteps", "lots"], "lots")])
-def test_command_line_exit_code(tmp_path, flags, word):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_atari_meanexp.py"), *flags], cwd=tmp_path,
+@pytest.mark.parametrize("script,flags,word", [("dqn", ["--me-coef", "-1"], "-1.0"), ("dqn", ["--total-timesteps", "lots"], "lots"),
+                                               ("iqn", ["--num-tau-samples", "0"], "(got 0)")])
+def test_command_line_exit_code(tmp_path, script, flags, word):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}_atari_meanexp.py"), *flags], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert word in proc.stderr

@@ -42,8 +42,13 @@ def check_final_eval(run_dir, episodes, **expected):
     return final
 
 
-def test_paper_protocol_run_writes_every_tag_and_final_eval(tmp_path):
-    proc = run_script("dqn_atari_meanexp.py", tmp_path, "--env-id", "ALE/Pong-v5", "--run-name", "pong", "--seed", "5", *TINY)
+SMALL_IQN = ["--num-tau-samples", "8", "--num-tau-prime-samples", "8", "--num-quantile-samples", "8"]  # CPU-sized
+
+
+@pytest.mark.parametrize("algo,extra", [("dqn", []), ("iqn", SMALL_IQN)])
+def test_paper_protocol_run_writes_every_tag_and_final_eval(tmp_path, algo, extra):
+    proc = run_script(f"{algo}_atari_meanexp.py", tmp_path, "--env-id", "ALE/Pong-v5", "--run-name", "pong", "--seed", "5",
+                      *TINY, *extra)
     run_dir = tmp_path / "runs" / "pong"
     assert "SPS" in proc.stdout and "ETA" in proc.stdout  # console progress
     acc = scalars(run_dir)
@@ -56,8 +61,9 @@ def test_paper_protocol_run_writes_every_tag_and_final_eval(tmp_path):
     for setting in ["|sticky_action_prob|0.25|", "|n_actions|18|", "|me_coef|18.0|", "|life_loss|does not end the episode|"]:
         assert setting in text
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["algo"] == "dqn" and config["me_coef"] == 18.0 and config["full_action_space"] is True
-    check_final_eval(run_dir, 3, algo="dqn", env_id="ALE/Pong-v5", seed=5, me_coef=18.0, total_steps=600)
+    assert config["algo"] == algo and config["me_coef"] == 18.0 and config["full_action_space"] is True
+    assert config["run_name"] == "pong"
+    check_final_eval(run_dir, 3, algo=algo, env_id="ALE/Pong-v5", seed=5, me_coef=18.0, total_steps=600)
 
 
 def test_cleanrl_protocol_with_two_envs_video_and_model(tmp_path):

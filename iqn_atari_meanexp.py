@@ -1,0 +1,729 @@
+"""IQN (Implicit Quantile Networks) with a mean-expansion head on Atari: one file, read top to bottom.
+
+    python iqn_atari_meanexp.py --env-id ALE/Breakout-v5              # mean-expansion, k = |A|
+    python iqn_atari_meanexp.py --env-id ALE/Breakout-v5 --me-coef 0  # plain IQN
+
+IQN learns the quantile function of the return: for a quantile level tau in (0, 1) the
+network gives Z(s, tau, a), and Q(s, a) is its mean over tau. The mean-expansion layer
+("Accelerating Q-learning through Efficient Value-Sharing across Actions", Nagarajan et
+al., ICML 2026) is applied over the actions of every quantile sample:
+
+    Z(s, tau, a) = u(s, tau, a) + k * mean_b u(s, tau, b)
+
+It is the function `mean_expansion` below and the last line of `IQNNetwork.quantiles`;
+everything else is IQN as PFRL's Atari reproduction runs it (defaults = that protocol, see
+README.md). Environment, replay buffer, evaluation and logging are word for word those of
+dqn_atari_meanexp.py.
+
+Layout: Args -> environment -> mean-expansion head and network -> replay buffer ->
+loss and update -> evaluation -> logging -> training loop.
+"""
+
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from stable_baselines3.common.atari_wrappers import (
+    EpisodicLifeEnv,
+    FireResetEnv,
+    MaxAndSkipEnv,
+    NoopResetEnv,
+    WarpFrame,
+)
+from torch.utils.tensorboard import SummaryWriter
+
+gym.register_envs(ale_py)  # makes the ALE/... and ...NoFrameskip-v4 ids known to gymnasium
+
+ALGO = "iqn"
+
+
+@dataclass
+class Args:
+    exp_name: str = "iqn_atari_meanexp"
+    """the name of this experiment (part of the run name)"""
+    run_name: Optional[str] = None
+    """the run directory under runs/; default {env}__{exp_name}__k{k}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of the experiment (training envs use seed..seed+N-1, the evaluation env seed+10000)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    capture_video: bool = False
+    """whether to capture videos of the agent's games (first training env) into runs/{run_name}/videos"""
+    save_model: bool = False
+    """whether to save the final and the best network to runs/{run_name}/"""
+
+    # Environment: the defaults are the paper's protocol (README.md shows CleanRL's)
+    env_id: str = "ALE/Breakout-v5"
+    """the gymnasium ALE id of the game (ALE/Breakout-v5, or BreakoutNoFrameskip-v4)"""
+    sticky_action_prob: float = 0.25
+    """probability that the emulator repeats the previous action each frame (sticky actions)"""
+    full_action_space: bool = True
+    """use the full 18-action set (False: the game's minimal action set)"""
+    episodic_life: bool = False
+    """if toggled, a lost life ends the training episode (evaluation always plays whole games)"""
+    fire_reset: bool = False
+    """if toggled, press FIRE after each reset in games that need it"""
+    noop_max: int = 30
+    """at most this many no-op frames at the start of each episode (0 disables)"""
+    frame_skip: int = 4
+    """emulator frames per agent step (the action repeats, the observation is the max of the last two frames)"""
+    max_episode_steps: int = 27_000
+    """an episode is truncated after this many agent steps (27,000 steps = 108,000 frames)"""
+
+    # Algorithm
+    me_coef: Optional[float] = None
+    """the mean-expansion coefficient k; default the number of actions |A|; 0 is plain DQN"""
+    total_timesteps: int = 50_000_000
+    """total agent steps (summed over all envs)"""
+    learning_rate: float = 5e-5
+    """the learning rate of the Adam optimizer"""
+    adam_eps: float = 0.01 / 32
+    """the epsilon of the Adam optimizer"""
+    num_envs: int = 1
+    """the number of parallel game environments"""
+    buffer_size: int = 1_000_000
+    """the replay memory size in transitions (frames stored once each)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    target_network_frequency: int = 10_000
+    """agent steps between hard copies of the online network into the target network"""
+    batch_size: int = 32
+    """the batch size of sample from the replay memory"""
+    start_e: float = 1.0
+    """the starting epsilon for exploration"""
+    end_e: float = 0.01
+    """the ending epsilon for exploration"""
+    exploration_steps: int = 1_000_000
+    """agent steps over which epsilon decays linearly from start-e to end-e"""
+    learning_starts: int = 50_000
+    """agent steps of experience collected before learning starts"""
+    train_frequency: int = 4
+    """agent steps per gradient update (kept per agent step whatever --num-envs is)"""
+    num_tau_samples: int = 64
+    """N: quantile levels sampled for the online network in the loss"""
+    num_tau_prime_samples: int = 64
+    """N': quantile levels sampled for the target network in the loss"""
+    num_quantile_samples: int = 32
+    """K: quantile levels sampled to estimate Q (the mean over tau) when acting and picking the target action"""
+    quantile_embedding_dim: int = 64
+    """number of cosine features cos(i * pi * tau), i = 1..n, embedding each tau"""
+    kappa: float = 1.0
+    """the threshold of the quantile Huber loss"""
+
+    # Evaluation and logging
+    eval_interval: int = 250_000
+    """agent steps between evaluations (0: no periodic evaluation)"""
+    eval_steps: int = 125_000
+    """agent steps per periodic evaluation (only whole episodes are scored)"""
+    eval_epsilon: float = 0.001
+    """epsilon of the epsilon-greedy policy during evaluation"""
+    final_eval_episodes: int = 30
+    """episodes the best network plays at the end (written to final_eval.json)"""
+    log_interval: int = 1_000
+    """agent steps between TensorBoard points of losses and metrics"""
+    progress_interval: float = 30.0
+    """seconds between console progress lines"""
+
+
+POSITIVE_ALGO_FLAGS = ("num_tau_samples", "num_tau_prime_samples", "num_quantile_samples", "quantile_embedding_dim", "kappa")
+
+
+# ---------------------------------------------------------------------------
+# Checking the command line: every mistake is reported before anything is allocated
+# ---------------------------------------------------------------------------
+
+
+def check_args(args: Args) -> list:
+    """Returns one message per bad setting (empty when all are fine)."""
+    errors = []
+    if args.env_id not in gym.registry:
+        close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5 or BreakoutNoFrameskip-v4"
+        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
+    elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
+        errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
+    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
+                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "adam_eps",
+                "progress_interval", *POSITIVE_ALGO_FLAGS]
+    non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts"]
+    probabilities = ["sticky_action_prob", "start_e", "end_e", "eval_epsilon"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            errors.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    for name in non_negative:
+        if not getattr(args, name) >= 0:
+            errors.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    for name in probabilities:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            errors.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
+    if not 0.0 < args.gamma <= 1.0:
+        errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
+    if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
+        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}, the default is |A|")
+    if args.batch_size > args.learning_starts:
+        errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
+                      "the first update would sample more transitions than the buffer holds")
+    if args.num_envs > 0 and args.buffer_size < ReplayBuffer.MIN_SLOTS_PER_ENV * args.num_envs:
+        errors.append(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs "
+                      f"(at least {ReplayBuffer.MIN_SLOTS_PER_ENV} per env)")
+    if args.batch_size > args.buffer_size > 0:
+        errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
+    if args.run_name is not None and (not args.run_name or "/" in args.run_name or args.run_name in (".", "..")):
+        errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        errors.append("--capture-video needs moviepy: pip install moviepy")
+    return errors
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still get: the machine's MemAvailable, or less where a cgroup
+    (a container, a SLURM job) sets a lower limit."""
+    def read_int(path):
+        try:
+            with open(path) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None  # no such file, or "max": no limit
+
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, usage in [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]:
+        limit, usage = read_int(f"/sys/fs/cgroup/{limit}"), read_int(f"/sys/fs/cgroup/{usage}")
+        if limit is not None and usage is not None:
+            free = min(free, limit - usage)
+    return free
+
+
+# ---------------------------------------------------------------------------
+# Environment: gymnasium + ale-py, preprocessed with Stable-Baselines3's Atari wrappers
+# ---------------------------------------------------------------------------
+
+
+def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = "", evaluation: bool = False):
+    """Returns a thunk building one preprocessed env: 84x84 grayscale frames, stacked 4 deep.
+
+    Rewards stay raw (the learner clips them to their sign), so logged returns are game scores.
+    """
+
+    def thunk():
+        env = gym.make(
+            args.env_id,
+            frameskip=1,  # frame skipping (with max-pooling) is done by MaxAndSkipEnv below
+            repeat_action_probability=args.sticky_action_prob,
+            full_action_space=args.full_action_space,
+            max_num_frames_per_episode=0,  # no ALE frame limit: TimeLimit below counts agent steps
+            render_mode="rgb_array" if capture_video else None,
+        )
+        if capture_video:
+            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"))
+        if args.noop_max > 0:
+            env = NoopResetEnv(env, noop_max=args.noop_max)
+        env = MaxAndSkipEnv(env, skip=args.frame_skip)
+        env = gym.wrappers.TimeLimit(env, max_episode_steps=args.max_episode_steps)  # truncation, not termination
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # whole-game raw score and length, in info["episode"]
+        if args.episodic_life and not evaluation:
+            env = EpisodicLifeEnv(env)
+        if args.fire_reset and "FIRE" in env.unwrapped.get_action_meanings():
+            env = FireResetEnv(env)
+        env = WarpFrame(env)  # 84x84 grayscale, shape (84, 84, 1)
+        env = gym.wrappers.ReshapeObservation(env, (84, 84))
+        env = gym.wrappers.FrameStackObservation(env, 4)  # (4, 84, 84); an episode's first frame pads its first stacks
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
+def make_train_envs(args: Args, run_dir: str):
+    """N training envs stepped together. Autoreset is NEXT_STEP: the step after an episode ends
+    returns the new episode's first observation (its action is ignored) instead of a transition."""
+    thunks = [make_env(args, args.seed + i, args.capture_video and i == 0, run_dir) for i in range(args.num_envs)]
+    vector_env = gym.vector.SyncVectorEnv if args.num_envs == 1 else gym.vector.AsyncVectorEnv
+    return vector_env(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+# ---------------------------------------------------------------------------
+# The mean-expansion head and the network
+# ---------------------------------------------------------------------------
+
+
+def mean_expansion(values: torch.Tensor, coef: float) -> torch.Tensor:
+    """Q = u + k * mean_b u(b) over the last (action) dimension. k = 0 is the identity."""
+    return values + coef * values.mean(dim=-1, keepdim=True)
+
+
+class IQNNetwork(nn.Module):
+    """Nature CNN features psi(s), times an embedding phi(tau) of each quantile level, -> FC 512
+    -> Linear(512, |A|) raw values u(s, tau, .) -> mean-expansion over actions, per tau -> Z."""
+
+    def __init__(self, n_actions: int, me_coef: float, embedding_dim: int = 64, num_quantile_samples: int = 32):
+        super().__init__()
+        self.me_coef, self.num_quantile_samples = me_coef, num_quantile_samples
+        self.torso = nn.Sequential(
+            nn.Conv2d(4, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.register_buffer("i_pi", torch.arange(1, embedding_dim + 1) * torch.pi)  # cos(i * pi * tau), i = 1..n
+        self.tau_embedding = nn.Sequential(nn.Linear(embedding_dim, 3136), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, n_actions))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.torso(x.float() / 255.0)  # x: uint8 frames (batch, 4, 84, 84) -> (batch, 3136)
+
+    def quantiles(self, psi: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        """Z for every sampled tau: psi (batch, 3136), taus (batch, T) -> (batch, T, |A|)."""
+        phi = self.tau_embedding(torch.cos(taus[..., None] * self.i_pi))  # (batch, T, 3136)
+        u = self.head(psi[:, None, :] * phi)
+        return mean_expansion(u, self.me_coef)  # the mean is over actions only, separately for each tau
+
+    def forward(self, x: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        return self.quantiles(self.features(x), taus)
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Q(s, .) = mean over K sampled taus of Z(s, tau, .): what acting and evaluation use."""
+        taus = torch.rand(len(x), self.num_quantile_samples, device=x.device)
+        return self(x, taus).mean(dim=1)
+
+
+def make_network(args: Args, n_actions: int, me_coef: float) -> nn.Module:
+    """The one place the training loop learns which network class it trains."""
+    return IQNNetwork(n_actions, me_coef, args.quantile_embedding_dim, args.num_quantile_samples)
+
+
+# ---------------------------------------------------------------------------
+# Replay buffer: each 84x84 frame stored once, 4-frame stacks rebuilt when sampling
+# ---------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    obs: torch.Tensor  # uint8 (B, 4, 84, 84)
+    actions: torch.Tensor  # int64 (B,)
+    rewards: torch.Tensor  # float32 (B,), raw game reward
+    next_obs: torch.Tensor  # uint8 (B, 4, 84, 84)
+    terminated: torch.Tensor  # float32 (B,), 1 where the episode truly ended (no bootstrap)
+    truncated: torch.Tensor  # float32 (B,), 1 where a time limit cut the episode (still bootstraps)
+
+
+class ReplayBuffer:
+    """A ring of frames per env. Slot k holds the newest frame of the observation at step k and
+    the transition taken from it; the next observation is the stack ending at slot k + 1.
+
+    When an episode ends, its final frame takes a slot of its own (needed to bootstrap a
+    truncation) and the next episode starts in the slot after. `history[k]` counts the earlier
+    frames of k's episode (capped at 3), so a stack never reaches into another episode: like
+    FrameStackObservation, the episode's first frame repeats instead.
+    """
+
+    STACK = 4
+    MIN_SLOTS_PER_ENV = 2 * STACK  # a smaller ring could hold no whole transition after wrapping
+    FIELDS = {  # per-slot bookkeeping besides the frame: name -> dtype
+        "actions": np.uint8,  # Atari has at most 18 actions
+        "rewards": np.float32,
+        "terminated": np.bool_,
+        "truncated": np.bool_,
+        "history": np.uint8,
+        "valid": np.bool_,  # a sampleable transition starts here: its next frame is stored, its stack intact
+    }
+
+    @classmethod
+    def bytes_needed(cls, capacity: int, num_envs: int, frame_shape=(84, 84)) -> int:
+        slots = (capacity // num_envs) * num_envs
+        per_slot = int(np.prod(frame_shape)) + sum(np.dtype(t).itemsize for t in cls.FIELDS.values())
+        return slots * per_slot
+
+    def __init__(self, capacity: int, num_envs: int, device: torch.device, seed: int = 0, frame_shape=(84, 84)):
+        self.num_envs, self.slots, self.device = num_envs, capacity // num_envs, device
+        self.frames = np.zeros((num_envs, self.slots, *frame_shape), dtype=np.uint8)
+        for name, dtype in self.FIELDS.items():
+            setattr(self, name, np.zeros((num_envs, self.slots), dtype=dtype))
+        self.cursor = 0  # every env writes one frame per add(), so all rings share one write position
+        self.filled = 0
+        self.rng = np.random.default_rng(seed)
+        self._env_index = np.arange(num_envs)
+        self._stack_back = np.arange(self.STACK - 1, -1, -1)  # how far back each stack position looks: 3, 2, 1, 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.frames.nbytes + sum(getattr(self, name).nbytes for name in self.FIELDS)
+
+    def add(self, frames, first, actions, rewards, terminated, truncated):
+        """Stores the newest frame of every env's observation.
+
+        first[i]: env i's frame starts an episode (reset), so no transition leads to it;
+        otherwise the transition (previous frame, actions[i], rewards[i], terminated[i],
+        truncated[i]) leads from env i's previous slot to this frame.
+        """
+        e, c, p = self._env_index, self.cursor, (self.cursor - 1) % self.slots
+        cont = ~np.asarray(first, dtype=bool)
+        self.actions[cont, p] = np.asarray(actions)[cont]
+        self.rewards[cont, p] = np.asarray(rewards)[cont]
+        self.terminated[cont, p] = np.asarray(terminated)[cont]
+        self.truncated[cont, p] = np.asarray(truncated)[cont]
+        self.valid[cont, p] = True
+        self.frames[:, c] = frames
+        self.history[:, c] = np.where(cont, np.minimum(self.history[:, p] + 1, self.STACK - 1), 0)
+        self.valid[:, c] = False  # its transition is not known until the next frame arrives
+        for back in range(1, self.STACK):  # overwriting slot c breaks the oldest stacks that reach back to it
+            q = (c + back) % self.slots
+            self.valid[e, q] &= self.history[e, q] < back
+        self.cursor = (c + 1) % self.slots
+        self.filled = min(self.filled + 1, self.slots)
+
+    def _stacks(self, env, slot):
+        back = np.minimum(self._stack_back[None, :], self.history[env, slot][:, None])  # (B, 4)
+        return self.frames[env[:, None], (slot[:, None] - back) % self.slots]  # (B, 4, 84, 84)
+
+    def sample(self, batch_size: int) -> Batch:
+        if not self.valid.any():
+            raise RuntimeError("the replay buffer holds no complete transition yet")
+        env = self.rng.integers(self.num_envs, size=batch_size)
+        slot = self.rng.integers(self.filled, size=batch_size)
+        bad = ~self.valid[env, slot]
+        while bad.any():  # rejection sampling keeps the draw uniform over valid transitions
+            env[bad] = self.rng.integers(self.num_envs, size=bad.sum())
+            slot[bad] = self.rng.integers(self.filled, size=bad.sum())
+            bad = ~self.valid[env, slot]
+        next_slot = (slot + 1) % self.slots
+        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        return Batch(
+            obs=to(self._stacks(env, slot)),
+            actions=to(self.actions[env, slot].astype(np.int64)),
+            rewards=to(self.rewards[env, slot]),
+            next_obs=to(self._stacks(env, next_slot)),
+            terminated=to(self.terminated[env, slot].astype(np.float32)),
+            truncated=to(self.truncated[env, slot].astype(np.float32)),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Loss and update: the learning algorithm itself, which the mean-expansion head does not change
+# ---------------------------------------------------------------------------
+
+
+def action_gap(q: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of (largest Q - second largest Q)."""
+    top2 = q.topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]).mean()
+
+
+def quantile_huber_loss(z: torch.Tensor, taus: torch.Tensor, target: torch.Tensor, kappa: float) -> torch.Tensor:
+    """IQN's loss: z (batch, N) online quantiles at levels taus (batch, N), target (batch, N') samples.
+
+    For every pair, delta = target_j - z_i weighs the Huber loss L_kappa(delta) / kappa by
+    |tau_i - 1{delta < 0}|; pairs are summed over the N online samples and averaged over the
+    N' target samples and the batch.
+    """
+    delta = target[:, None, :] - z[:, :, None]  # (batch, N, N')
+    huber = torch.where(delta.abs() <= kappa, 0.5 * delta**2, kappa * (delta.abs() - 0.5 * kappa))
+    weight = (taus[:, :, None] - (delta.detach() < 0).float()).abs()
+    return (weight * huber / kappa).sum(dim=1).mean()
+
+
+def iqn_loss(q_network: nn.Module, target_network: nn.Module, batch: Batch, args: Args):
+    """Quantile Huber loss against r + gamma * Z_target(s', tau', a*), a* greedy for the target
+    network's Q estimated from K taus (PFRL's IQN).
+
+    Rewards are clipped to their sign; a truncated episode bootstraps, a terminated one does not.
+    Returns (loss, Z(s, tau, .) of the online network for its N taus).
+    """
+    n = len(batch.actions)
+    with torch.no_grad():
+        psi_next = target_network.features(batch.next_obs)
+        next_q = target_network.quantiles(psi_next, torch.rand(n, args.num_quantile_samples, device=psi_next.device)).mean(dim=1)
+        next_z = target_network.quantiles(psi_next, torch.rand(n, args.num_tau_prime_samples, device=psi_next.device))
+        next_z = next_z[torch.arange(n), :, next_q.argmax(dim=1)]  # (batch, N')
+        target = torch.sign(batch.rewards)[:, None] + args.gamma * (1.0 - batch.terminated)[:, None] * next_z
+    taus = torch.rand(n, args.num_tau_samples, device=target.device)
+    z = q_network(batch.obs, taus)  # (batch, N, |A|)
+    z_taken = z[torch.arange(n), :, batch.actions]  # (batch, N)
+    return quantile_huber_loss(z_taken, taus, target, args.kappa), z
+
+
+def update(q_network, target_network, optimizer, batch: Batch, args: Args):
+    """One gradient step. Returns (loss, mean Q of the taken actions, action gap), all still on the device."""
+    loss, z = iqn_loss(q_network, target_network, batch, args)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    q = z.detach().mean(dim=1)  # Q = mean over tau
+    return loss.detach(), q.gather(1, batch.actions[:, None]).mean(), action_gap(q)
+
+
+def make_optimizer(args: Args, network: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: raw game scores and overestimation, on an env of its own
+# ---------------------------------------------------------------------------
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    if duration <= 0:
+        return end_e
+    return start_e + (end_e - start_e) * min(t / duration, 1.0)
+
+
+def discounted_returns(rewards, gamma: float) -> np.ndarray:
+    """G_t = r_t + gamma * G_{t+1}, for every step of one episode."""
+    returns, g = np.zeros(len(rewards)), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + gamma * g
+        returns[t] = g
+    return returns
+
+
+@torch.no_grad()
+def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=None, max_episodes=None) -> dict:
+    """Plays epsilon-greedy episodes until max_steps agent steps or max_episodes episodes.
+
+    Only whole episodes count (an episode cut by max_steps is dropped, unless none finished):
+    scores are raw game scores; overestimation is the mean over visited steps of predicted
+    Q(s_t, a_t) minus the realized discounted return from t on sign-clipped rewards.
+    """
+    network.eval()
+    finished, episode = [], ([], [], [])  # an episode: predicted Q(s_t, a_t), sign-clipped rewards, raw rewards
+    obs, steps = env.reset()[0], 0
+    while not ((max_episodes is not None and len(finished) >= max_episodes) or (max_steps is not None and steps >= max_steps)):
+        q = network.q_values(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
+        action = int(rng.integers(len(q))) if rng.random() < epsilon else int(q.argmax())
+        obs, reward, terminated, truncated, _ = env.step(action)
+        steps += 1
+        for values, value in zip(episode, (q[action], np.sign(reward), float(reward))):
+            values.append(value)
+        if terminated or truncated:
+            finished.append(episode)
+            episode, obs = ([], [], []), env.reset()[0]
+    network.train()
+    episodes = finished or [episode]  # the step budget ended inside the first episode: score what was played
+    errors = np.concatenate([np.asarray(q) - discounted_returns(r, gamma) for q, r, _ in episodes])
+    return {"scores": [sum(raw) for _, _, raw in episodes], "lengths": [len(r) for _, r, _ in episodes],
+            "overestimation": float(errors.mean()), "steps": steps}
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+
+def effective_settings(args: Args, n_actions: int, me_coef: float, device: torch.device) -> dict:
+    """Every setting the run used, including those derived from the env and the machine."""
+    settings = dataclasses.asdict(args)
+    settings.update(
+        algo=ALGO,
+        me_coef=me_coef,
+        me_coef_default=args.me_coef is None,
+        n_actions=n_actions,
+        life_loss="ends the training episode" if args.episodic_life else "does not end the episode",
+        replay_bytes=ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs),
+        device=str(device),
+        versions={"torch": torch.__version__, "gymnasium": gym.__version__, "ale_py": ale_py.__version__, "numpy": np.__version__},
+        command=" ".join(sys.argv),
+    )
+    return settings
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def crossed(before: int, after: int, interval: int) -> int:
+    """How many multiples of interval lie in (before, after]: events due as the step count advances."""
+    return after // interval - before // interval if interval > 0 else 0
+
+
+HEADROOM_BYTES = 10**9  # PyTorch, the networks, the envs: what a run needs besides its replay buffer
+
+
+def fail(errors: list):
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------
+
+
+def main(args: Args):
+    errors = check_args(args)
+    if errors:
+        fail(errors)
+    probe = make_env(args, args.seed)()  # one env to learn |A| before anything large is allocated
+    n_actions = int(probe.action_space.n)
+    probe.close()
+    me_coef = float(n_actions if args.me_coef is None else args.me_coef)
+    replay_bytes, free_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
+    print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
+          f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
+    if replay_bytes + HEADROOM_BYTES > free_bytes:  # numpy commits the pages only as they fill: refuse now, not hours in
+        fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
+              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available; lower --buffer-size "
+              f"(each transition takes about 7 kB)"])
+    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{me_coef:g}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists(run_dir):
+        fail([f"run directory {run_dir} already exists; choose another --run-name (nothing was overwritten)"])
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    rng = np.random.default_rng(args.seed)  # exploration draws
+
+    os.makedirs(run_dir)
+    settings = effective_settings(args, n_actions, me_coef, device)
+    settings["run_name"] = run_name
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+
+    envs = make_train_envs(args, run_dir)
+    eval_env = make_env(args, args.seed + 10_000, evaluation=True)()
+    eval_env.reset(seed=args.seed + 10_000)  # seeds the eval games once; later resets continue its RNG
+    eval_rng = np.random.default_rng(args.seed + 10_000)
+    q_network = make_network(args, n_actions, me_coef).to(device)
+    target_network = copy.deepcopy(q_network)
+    optimizer = make_optimizer(args, q_network)
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, device, seed=args.seed)
+    print(f"{ALGO} k={me_coef:g} on {args.env_id} ({n_actions} actions), {args.num_envs} env(s), device {device}, logs in {run_dir}")
+
+    obs, _ = envs.reset(seed=args.seed)
+    rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
+    starting = np.zeros(args.num_envs, dtype=bool)  # envs whose next step() is an autoreset, not a transition
+    global_step, updates, logged_updates = 0, 0, 0
+    best_score, best_state, best_step = -float("inf"), None, None
+    sums = torch.zeros(3, device=device)  # loss, Q, action gap, summed on the device between log points
+    recent_returns = []
+    start_time = last_print = time.time()
+    eval_time = 0.0
+    while global_step < args.total_timesteps:
+        # Act: epsilon-greedy, one coin per env
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
+        actions = rng.integers(n_actions, size=args.num_envs)
+        greedy = rng.random(args.num_envs) >= epsilon
+        if greedy.any():
+            with torch.no_grad():
+                q = q_network.q_values(torch.as_tensor(obs, device=device))
+            actions = np.where(greedy, q.argmax(dim=1).cpu().numpy(), actions)
+        next_obs, rewards, terminated, truncated, infos = envs.step(actions)
+        rb.add(next_obs[:, -1], starting, actions, rewards, terminated, truncated)
+        before = global_step
+        global_step += int((~starting).sum())  # an autoreset step moves no game forward
+        starting = terminated | truncated
+        obs = next_obs
+
+        if "episode" in infos:
+            for i in np.flatnonzero(infos["_episode"]):
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+                recent_returns = (recent_returns + [float(infos["episode"]["r"][i])])[-20:]
+
+        # Learn: updates per agent step stay 1/train_frequency whatever the number of envs
+        if global_step > args.learning_starts:
+            due = (global_step - args.learning_starts) // args.train_frequency
+            while updates < due:
+                sums += torch.stack(update(q_network, target_network, optimizer, rb.sample(args.batch_size), args))
+                updates += 1
+        if crossed(before, global_step, args.target_network_frequency):
+            target_network.load_state_dict(q_network.state_dict())
+
+        if crossed(before, global_step, args.log_interval):
+            if updates > logged_updates:  # means over the updates since the last point; .tolist() is the one sync
+                loss, q_mean, gap = (sums / (updates - logged_updates)).tolist()
+                writer.add_scalar("losses/td_loss", loss, global_step)
+                writer.add_scalar("losses/q_values", q_mean, global_step)
+                writer.add_scalar("metrics/action_gap", gap, global_step)
+                sums.zero_()
+                logged_updates = updates
+            sps = global_step / max(time.time() - start_time - eval_time, 1e-9)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/updates", updates, global_step)
+
+        if crossed(before, global_step, args.eval_interval):
+            eval_start = time.time()
+            result = evaluate(q_network, eval_env, device, args.eval_epsilon, args.gamma, eval_rng, max_steps=args.eval_steps)
+            eval_time += time.time() - eval_start
+            score = float(np.mean(result["scores"]))
+            writer.add_scalar("eval/episodic_return", score, global_step)
+            writer.add_scalar("eval/overestimation", result["overestimation"], global_step)
+            if score > best_score:  # keep the best network, as the protocol's final evaluation plays it
+                best_score, best_state, best_step = score, copy.deepcopy(q_network.state_dict()), global_step
+            print(f"eval at step {global_step:,}: mean score {score:.1f} over {len(result['scores'])} episodes, "
+                  f"overestimation {result['overestimation']:.3f}")
+
+        now = time.time()
+        if now - last_print >= args.progress_interval or global_step >= args.total_timesteps:
+            last_print, elapsed = now, now - start_time
+            eta = (args.total_timesteps - global_step) * elapsed / max(global_step, 1)
+            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            print(f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) | "
+                  f"{global_step / elapsed:,.0f} SPS overall | elapsed {format_duration(elapsed)} | ETA {format_duration(eta)} | "
+                  f"return (last {len(recent_returns)}) {recent}", flush=True)
+    envs.close()
+
+    if args.save_model:
+        torch.save(q_network.state_dict(), os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"))
+        if best_state is not None:
+            torch.save(best_state, os.path.join(run_dir, f"{args.exp_name}_best.cleanrl_model"))
+    if best_state is not None:
+        q_network.load_state_dict(best_state)
+    result = evaluate(q_network, eval_env, device, args.eval_epsilon, args.gamma, eval_rng, max_episodes=args.final_eval_episodes)
+    eval_env.close()
+    scores = result["scores"]
+    final = {
+        "algo": ALGO,
+        "env_id": args.env_id,
+        "seed": args.seed,
+        "me_coef": me_coef,
+        "total_steps": global_step,
+        "network": f"best periodic evaluation (step {best_step})" if best_state is not None else "final",
+        "network_step": best_step if best_state is not None else global_step,
+        "epsilon": args.eval_epsilon,
+        "episodes": len(scores),
+        "scores": scores,
+        "lengths": result["lengths"],
+        "mean": float(np.mean(scores)),
+        "median": float(np.median(scores)),
+        "std": float(np.std(scores)),
+        "overestimation": result["overestimation"],
+    }
+    with open(os.path.join(run_dir, "final_eval.json"), "w") as f:
+        json.dump(final, f, indent=2)
+    writer.close()
+    print(f"final evaluation: mean {final['mean']:.1f}, median {final['median']:.1f} over {len(scores)} episodes "
+          f"-> {os.path.join(run_dir, 'final_eval.json')}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

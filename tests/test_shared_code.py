@@ -1,0 +1,82 @@
+"""The two scripts stand alone, so they repeat the parts that do not depend on the algorithm:
+those parts must stay word for word the same, so that `diff` shows only the algorithm."""
+
+import ast
+import difflib
+import os
+
+from conftest import ROOT
+
+# Top-level definitions allowed to differ: the algorithm. Everything else must be identical.
+ALGORITHM = {"ALGO", "Args", "POSITIVE_ALGO_FLAGS", "QNetwork", "IQNNetwork", "make_network", "td_loss",
+             "quantile_huber_loss", "iqn_loss", "update"}
+SHARED = {"check_args", "available_memory_bytes", "make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffer",
+          "action_gap", "make_optimizer", "linear_schedule", "discounted_returns", "evaluate", "effective_settings",
+          "format_duration", "crossed", "fail", "main"}
+ARGS_DIFFERENCES = {"exp_name", "learning_rate", "adam_eps"}  # shared flags whose defaults differ (PAPER.md)
+
+
+def parse(name):
+    with open(os.path.join(ROOT, name)) as f:
+        text = f.read()
+    tree = ast.parse(text)
+    nodes = {}
+    for node in tree.body:
+        names = [node.name] if hasattr(node, "name") else [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for n in names:
+            nodes[n] = node
+    return text.splitlines(), tree, nodes
+
+
+def allowed_lines(tree, nodes):
+    """Line numbers (0-based) inside the module docstring and the algorithm's definitions."""
+    lines = set(range(tree.body[0].lineno - 1, tree.body[0].end_lineno))  # the docstring
+    for name in ALGORITHM & nodes.keys():
+        node = nodes[name]
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        lines |= set(range(start - 1, node.end_lineno))
+    return lines
+
+
+def test_shared_definitions_are_identical():
+    dqn_lines, _, dqn = parse("dqn_atari_meanexp.py")
+    iqn_lines, _, iqn = parse("iqn_atari_meanexp.py")
+    for name in SHARED:
+        assert name in dqn and name in iqn, name
+        a = dqn_lines[dqn[name].lineno - 1: dqn[name].end_lineno]
+        b = iqn_lines[iqn[name].lineno - 1: iqn[name].end_lineno]
+        assert a == b, f"{name} differs between the scripts:\n" + "\n".join(difflib.unified_diff(a, b, lineterm=""))
+
+
+def test_diff_touches_only_the_algorithm():
+    dqn_lines, dqn_tree, dqn = parse("dqn_atari_meanexp.py")
+    iqn_lines, iqn_tree, iqn = parse("iqn_atari_meanexp.py")
+    dqn_ok, iqn_ok = allowed_lines(dqn_tree, dqn), allowed_lines(iqn_tree, iqn)
+    outside = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, dqn_lines, iqn_lines, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        outside += [f"dqn:{i + 1}: {dqn_lines[i]}" for i in range(i1, i2) if i not in dqn_ok and dqn_lines[i].strip()]
+        outside += [f"iqn:{j + 1}: {iqn_lines[j]}" for j in range(j1, j2) if j not in iqn_ok and iqn_lines[j].strip()]
+    assert not outside, "lines outside the algorithm differ:\n" + "\n".join(outside)
+
+
+def test_args_share_every_flag_and_its_documentation():
+    dqn_lines, _, dqn = parse("dqn_atari_meanexp.py")
+    iqn_lines, _, iqn = parse("iqn_atari_meanexp.py")
+
+    def fields(lines, node):
+        body = node.body
+        out = {}
+        for stmt, nxt in zip(body, body[1:] + [None]):
+            if isinstance(stmt, ast.AnnAssign):
+                doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
+                out[stmt.target.id] = (ast.unparse(stmt.annotation), ast.unparse(stmt.value), doc)
+        return out
+
+    a, b = fields(dqn_lines, dqn["Args"]), fields(iqn_lines, iqn["Args"])
+    assert set(a) <= set(b)
+    assert all(a[n][2] for n in a) and all(b[n][2] for n in b)  # a docstring for every flag
+    for name in a:
+        assert a[name][0] == b[name][0] and a[name][2] == b[name][2], name  # same type and text
+        assert (a[name][1] == b[name][1]) == (name not in ARGS_DIFFERENCES), name
