@@ -510,11 +510,14 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
     finished, episode = [], ([], [], [])  # an episode: predicted Q(s_t, a_t), sign-clipped rewards, raw rewards
     obs, steps = env.reset()[0], 0
     while not ((max_episodes is not None and len(finished) >= max_episodes) or (max_steps is not None and steps >= max_steps)):
-        q = network.q_values(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
-        action = int(rng.integers(len(q))) if rng.random() < epsilon else int(q.argmax())
+        # two estimates of Q(s, .) in one call: where Q is itself sampled (IQN's taus), recording the
+        # estimate that picked the action would bias the recorded Q upward (a winner's curse)
+        obs_t = torch.as_tensor(obs, device=device)
+        q_act, q_record = network.q_values(obs_t[None].expand(2, *obs_t.shape)).cpu().numpy()
+        action = int(rng.integers(len(q_act))) if rng.random() < epsilon else int(q_act.argmax())
         obs, reward, terminated, truncated, _ = env.step(action)
         steps += 1
-        for values, value in zip(episode, (q[action], np.sign(reward), float(reward))):
+        for values, value in zip(episode, (q_record[action], np.sign(reward), float(reward))):
             values.append(value)
         if terminated or truncated:
             finished.append(episode)

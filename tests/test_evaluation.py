@@ -54,3 +54,19 @@ def test_linear_schedule():
     assert linear_schedule(1.0, 0.01, 1_000_000, 500_000) == pytest.approx(0.505)
     assert linear_schedule(1.0, 0.01, 1_000_000, 5_000_000) == pytest.approx(0.01, abs=1e-15)
     assert linear_schedule(1.0, 0.01, 0, 0) == 0.01
+
+
+class TwoEstimates(torch.nn.Module):
+    """A sampled Q (like IQN's): each row of a batch is a different estimate."""
+
+    def q_values(self, x):
+        assert len(x) == 2
+        return torch.tensor([[0.5, 1.5], [7.0, 3.0]])
+
+
+def test_recorded_q_is_an_estimate_independent_of_the_one_that_chose():
+    gamma = 0.9
+    result = evaluate(TwoEstimates(), ThreeStepEnv(), "cpu", epsilon=0.0, gamma=gamma, rng=np.random.default_rng(0), max_episodes=1)
+    realized = [1 + gamma**2 * -1, gamma * -1, -1]
+    # action 1 is chosen by the first estimate; its Q is recorded from the second (3.0), not the first (1.5)
+    assert result["overestimation"] == pytest.approx(3.0 - np.mean(realized), abs=1e-12)
