@@ -491,11 +491,12 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
 # ---------------------------------------------------------------------------
 
 
-def effective_settings(args: Args, n_actions: int, me_coef: float, device: torch.device) -> dict:
+def effective_settings(args: Args, run_name: str, n_actions: int, me_coef: float, device: torch.device) -> dict:
     """Every setting the run used, including those derived from the env and the machine."""
     settings = dataclasses.asdict(args)
     settings.update(
         algo=ALGO,
+        run_name=run_name,
         me_coef=me_coef,
         me_coef_default=args.me_coef is None,
         n_actions=n_actions,
@@ -560,8 +561,7 @@ def main(args: Args):
     rng = np.random.default_rng(args.seed)  # exploration draws
 
     os.makedirs(run_dir)
-    settings = effective_settings(args, n_actions, me_coef, device)
-    settings["run_name"] = run_name
+    settings = effective_settings(args, run_name, n_actions, me_coef, device)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(settings, f, indent=2)
     writer = SummaryWriter(run_dir)
