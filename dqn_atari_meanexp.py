@@ -17,13 +17,16 @@ Layout: Args -> environment -> mean-expansion head and network -> replay buffer 
 loss and update -> evaluation -> logging -> training loop.
 """
 
+import atexit
 import copy
 import dataclasses
 import difflib
 import importlib.util
 import json
 import os
+import pickle
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -129,6 +132,14 @@ class Args:
     progress_interval: float = 30.0
     """seconds between console progress lines"""
 
+    # Checkpoints: a long run survives preemption and time limits (README.md, "Long runs")
+    checkpoint_interval: int = 1_000_000
+    """agent steps between checkpoints to runs/{run_name}/checkpoint.pt (0: only at the start, the end and on SIGTERM/SIGUSR1)"""
+    checkpoint_buffer: bool = True
+    """whether checkpoints hold the replay buffer (7 GB when full); without it a resumed run refills it before learning"""
+    resume: Optional[str] = None
+    """a run directory to continue from its checkpoint, with the run's own settings (only a few flags may change)"""
+
 
 POSITIVE_ALGO_FLAGS = ()  # settings of this algorithm alone that must be > 0 (DQN has none)
 
@@ -150,8 +161,8 @@ def check_args(args: Args) -> list:
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
                 "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "adam_eps",
                 "progress_interval", *POSITIVE_ALGO_FLAGS]
-    non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts"]
-    probabilities = ["sticky_action_prob", "start_e", "end_e", "eval_epsilon"]
+    non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
+    probabilities = ["start_e", "end_e", "eval_epsilon"]
     for name in positive:
         if not getattr(args, name) > 0:
             errors.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
@@ -161,6 +172,8 @@ def check_args(args: Args) -> list:
     for name in probabilities:
         if not 0.0 <= getattr(args, name) <= 1.0:
             errors.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
+    if not 0.0 <= args.sticky_action_prob < 1.0:
+        errors.append(f"--sticky-action-prob must be in [0, 1) (got {args.sticky_action_prob})")
     if not 0.0 < args.gamma <= 1.0:
         errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
     if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
@@ -177,6 +190,52 @@ def check_args(args: Args) -> list:
         errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         errors.append("--capture-video needs moviepy: pip install moviepy")
+    return errors
+
+
+RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "progress_interval", "cuda", "save_model")
+CHECKPOINT = "checkpoint.pt"  # in the run directory
+
+
+def read_config(run_dir: str) -> Optional[dict]:
+    """The settings a run recorded in its config.json, or None where there is no readable one."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "algo" in config else None
+
+
+def parse_args(argv=None) -> Args:
+    """The command line. With --resume RUN_DIR, the flags not given take the run's saved settings, not the defaults."""
+    args = tyro.cli(Args, args=argv)
+    config = read_config(args.resume) if args.resume is not None else None
+    if config is None:
+        return args  # main() explains what is wrong with --resume
+    saved = {field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config}
+    return tyro.cli(Args, args=argv, default=Args(**{**saved, "resume": args.resume}))
+
+
+def check_resume(args: Args) -> list:
+    """Returns one message per reason --resume cannot continue the run (empty when it can)."""
+    run_dir = args.resume
+    if not os.path.isdir(run_dir):
+        return [f"--resume {run_dir!r}: no such directory"]
+    config = read_config(run_dir)
+    if config is None:
+        return [f"--resume {run_dir!r} is not a run directory of these scripts (no readable config.json)"]
+    if config["algo"] != ALGO:
+        return [f"--resume {run_dir!r} is a {config['algo'].upper()} run: resume it with {config['algo']}_atari_meanexp.py"]
+    errors = []
+    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        errors.append(f"--resume {run_dir!r} has no {CHECKPOINT} (the run stopped before its first one): "
+                      "remove or rename the directory, then start the run again")
+    may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE)
+    for name in (field.name for field in dataclasses.fields(Args)):
+        if name in config and name not in (*RESUME_MAY_CHANGE, "resume") and getattr(args, name) != config[name]:
+            errors.append(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run's {config[name]}: "
+                          f"a resumed run keeps its settings (only {may_change} may change)")
     return errors
 
 
@@ -217,11 +276,13 @@ def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = 
         env = gym.make(
             args.env_id,
             frameskip=1,  # frame skipping (with max-pooling) is done by MaxAndSkipEnv below
-            repeat_action_probability=args.sticky_action_prob,
+            repeat_action_probability=0.0,  # sticky actions come from StickyAction below
             full_action_space=args.full_action_space,
             max_num_frames_per_episode=0,  # no ALE frame limit: TimeLimit below counts agent steps
             render_mode="rgb_array" if capture_video else None,
         )
+        if args.sticky_action_prob > 0:  # per frame, like ALE's own (Machado et al. 2018), but the action it repeats is
+            env = gym.wrappers.StickyAction(env, args.sticky_action_prob)  # Python state a checkpoint saves (ALE's is not)
         if capture_video:
             env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"))
         if args.noop_max > 0:
@@ -236,18 +297,62 @@ def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = 
         env = WarpFrame(env)  # 84x84 grayscale, shape (84, 84, 1)
         env = gym.wrappers.ReshapeObservation(env, (84, 84))
         env = gym.wrappers.FrameStackObservation(env, 4)  # (4, 84, 84); an episode's first frame pads its first stacks
+        env = SnapshotEnv(env)
         env.action_space.seed(seed)
         return env
 
     return thunk
 
 
+class SnapshotEnv(gym.Wrapper):
+    """The outermost wrapper: `env.snapshot` is the whole env's state as bytes, and assigning it restores
+    that state, so a resumed run plays on exactly as if never stopped. (A property, so that a vector env
+    reaches it in its worker processes with get_attr and set_attr.)"""
+
+    @property
+    def snapshot(self) -> bytes:
+        layers, env = [], self.env
+        while env is not env.unwrapped:  # every wrapper's own state: frame stack, step counts, lives, returns, ...
+            state = {name: value for name, value in vars(env).items() if name != "env" and not callable(value)}
+            layers.append({} if isinstance(env, gym.wrappers.RecordVideo) else state)  # a clip being recorded is not resumed
+            env = env.env
+        game = env.clone_state(include_rng=True)  # the emulator, with its RNG
+        return pickle.dumps((layers, game, env.np_random.bit_generator.state, env.action_space.np_random.bit_generator.state))
+
+    @snapshot.setter
+    def snapshot(self, data: bytes):
+        layers, game, np_random, action_space_random = pickle.loads(data)
+        env = self.env
+        for layer in layers:
+            vars(env).update(layer)
+            env = env.env
+        env.restore_state(game)
+        env.np_random.bit_generator.state = np_random  # the no-op starts draw from it
+        env.action_space.np_random.bit_generator.state = action_space_random
+
+
+def leave_signals_to_main_process(thunk):
+    """Wraps an env thunk for a worker process: SIGINT, SIGTERM and SIGUSR1 are for the main process,
+    which checkpoints and then closes its workers."""
+    main_pid = os.getpid()
+
+    def worker_thunk():
+        if os.getpid() != main_pid:  # AsyncVectorEnv also calls a thunk in the main process, to read the spaces
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+        return thunk()
+
+    return worker_thunk
+
+
 def make_train_envs(args: Args, run_dir: str):
     """N training envs stepped together. Autoreset is NEXT_STEP: the step after an episode ends
     returns the new episode's first observation (its action is ignored) instead of a transition."""
     thunks = [make_env(args, args.seed + i, args.capture_video and i == 0, run_dir) for i in range(args.num_envs)]
-    vector_env = gym.vector.SyncVectorEnv if args.num_envs == 1 else gym.vector.AsyncVectorEnv
-    return vector_env(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    if args.num_envs == 1:
+        return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    thunks = [leave_signals_to_main_process(thunk) for thunk in thunks]
+    return gym.vector.AsyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +475,19 @@ class ReplayBuffer:
         self.cursor = (c + 1) % self.slots
         self.filled = min(self.filled + 1, self.slots)
 
+    def state_dict(self) -> dict:
+        """The filled part of every ring, as tensors that share the arrays' memory: no copy, however large."""
+        arrays = {name: [torch.from_numpy(getattr(self, name)[e, : self.filled]) for e in range(self.num_envs)]
+                  for name in ("frames", *self.FIELDS)}
+        return {"cursor": self.cursor, "filled": self.filled, "rng": self.rng.bit_generator.state, **arrays}
+
+    def load_state_dict(self, state: dict):
+        for name in ("frames", *self.FIELDS):
+            for e, part in enumerate(state[name]):
+                getattr(self, name)[e, : len(part)] = part.numpy()
+        self.cursor, self.filled = state["cursor"], state["filled"]
+        self.rng.bit_generator.state = state["rng"]
+
     def _stacks(self, env, slot):
         back = np.minimum(self._stack_back[None, :], self.history[env, slot][:, None])  # (B, 4)
         return self.frames[env[:, None], (slot[:, None] - back) % self.slots]  # (B, 4, 84, 84)
@@ -487,7 +605,7 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
 
 
 # ---------------------------------------------------------------------------
-# Logging
+# Logging and checkpoints
 # ---------------------------------------------------------------------------
 
 
@@ -519,13 +637,47 @@ def crossed(before: int, after: int, interval: int) -> int:
     return after // interval - before // interval if interval > 0 else 0
 
 
+def atomic_save(path: str, save):
+    """save(tmp) writes a temporary file, which is flushed to disk and then renamed over path: a process
+    killed at any moment leaves path holding either its previous content or the new one, never a torn file."""
+    tmp = path + ".tmp"
+    save(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, data: dict):
+    def save(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+
+    atomic_save(path, save)
+
+
+def rng_states(device: torch.device) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def set_rng_states(states: dict, device: torch.device):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 HEADROOM_BYTES = 10**9  # PyTorch, the networks, the envs: what a run needs besides its replay buffer
+EXIT_BAD_INPUT = 2  # a bad command line: nothing was written
+EXIT_NON_FINITE = 3  # the run diverged (a loss or Q-value not finite): the last good checkpoint is kept; do not requeue
+EXIT_REQUEUE = 75  # stopped by SIGTERM or SIGUSR1 after writing a checkpoint: run again with --resume (EX_TEMPFAIL)
 
 
-def fail(errors: list):
+def fail(errors: list, code: int = EXIT_BAD_INPUT):
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------
@@ -534,9 +686,19 @@ def fail(errors: list):
 
 
 def main(args: Args):
-    errors = check_args(args)
+    """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
+    errors = check_args(args) + (check_resume(args) if args.resume is not None else [])
     if errors:
         fail(errors)
+    resumed = None  # the checkpoint we continue from: its tensors stay in the file (mmap) until copied into place
+    if args.resume is not None:
+        resumed = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=False, mmap=True)
+        if resumed["global_step"] > args.total_timesteps:
+            fail([f"--total-timesteps {args.total_timesteps} is below the {resumed['global_step']} steps the run has done"])
+        if resumed["global_step"] == args.total_timesteps and os.path.exists(os.path.join(args.resume, "final_eval.json")):
+            print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
+                  "(a larger --total-timesteps extends it)")
+            return
     probe = make_env(args, args.seed)()  # one env to learn |A| before anything large is allocated
     n_actions = int(probe.action_space.n)
     probe.close()
@@ -548,10 +710,14 @@ def main(args: Args):
         fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
               f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available; lower --buffer-size "
               f"(each transition takes about 7 kB)"])
-    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{me_coef:g}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    if os.path.exists(run_dir):
-        fail([f"run directory {run_dir} already exists; choose another --run-name (nothing was overwritten)"])
+    if resumed is None:
+        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{me_coef:g}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", run_name)
+        if os.path.exists(run_dir):
+            fail([f"run directory {run_dir} already exists; choose another --run-name (nothing was overwritten)"])
+    else:
+        run_dir, run_name = args.resume, args.run_name
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -560,14 +726,24 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     rng = np.random.default_rng(args.seed)  # exploration draws
 
-    os.makedirs(run_dir)
+    stop_signals = []  # SIGTERM or SIGUSR1 (a batch system's warning): checkpoint and exit at the next safe point
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGUSR1)}  # from before the run directory exists
     settings = effective_settings(args, run_name, n_actions, me_coef, device)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(settings, f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+    if resumed is None:
+        os.makedirs(run_dir)
+    else:  # the first command stays; each resume is recorded after it
+        previous = read_config(run_dir)
+        resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"], "device": str(device)}
+        settings.update(command=previous["command"], resumes=previous.get("resumes", []) + [resume])
+    write_json(os.path.join(run_dir, "config.json"), settings)
+    # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
+    writer = SummaryWriter(run_dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
+    if resumed is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
 
     envs = make_train_envs(args, run_dir)
+    atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
     eval_env = make_env(args, args.seed + 10_000, evaluation=True)()
     eval_env.reset(seed=args.seed + 10_000)  # seeds the eval games once; later resets continue its RNG
     eval_rng = np.random.default_rng(args.seed + 10_000)
@@ -578,14 +754,74 @@ def main(args: Args):
     print(f"{ALGO} k={me_coef:g} on {args.env_id} ({n_actions} actions), {args.num_envs} env(s), device {device}, logs in {run_dir}")
 
     obs, _ = envs.reset(seed=args.seed)
-    rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
     starting = np.zeros(args.num_envs, dtype=bool)  # envs whose next step() is an autoreset, not a transition
-    global_step, updates, logged_updates = 0, 0, 0
+    global_step, updates, logged_updates, episodes, evaluations = 0, 0, 0, 0, 0
+    update_origin = (args.learning_starts, 0)  # (step, updates): one update per train_frequency steps after it
     best_score, best_state, best_step = -float("inf"), None, None
     sums = torch.zeros(3, device=device)  # loss, Q, action gap, summed on the device between log points
+    bad_step = torch.tensor(-1, device=device)  # the first step whose loss or Q was not finite, read at log points
     recent_returns = []
-    start_time = last_print = time.time()
-    eval_time = 0.0
+    checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
+    if resumed is None:
+        rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
+    else:  # continue exactly where the checkpoint left off
+        global_step, updates, logged_updates = resumed["global_step"], resumed["updates"], resumed["logged_updates"]
+        episodes, evaluations, recent_returns = resumed["episodes"], resumed["evaluations"], resumed["recent_returns"]
+        best_score, best_step = resumed["best_score"], resumed["best_step"]
+        if resumed["best_state"] is not None:  # copied out of the checkpoint file, which the next checkpoint replaces
+            best_state = {name: value.to(device, copy=True) for name, value in resumed["best_state"].items()}
+        update_origin, sums = tuple(resumed["update_origin"]), resumed["sums"].to(device, copy=True)
+        q_network.load_state_dict(resumed["q_network"])
+        target_network.load_state_dict(resumed["target_network"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        envs.set_attr("snapshot", list(resumed["envs"]))
+        eval_env.snapshot = resumed["eval_env"]
+        obs, starting = resumed["obs"], resumed["starting"]
+        if starting.any():  # only a final checkpoint has envs due to autoreset: extending the run resets them here
+            obs[starting] = envs.reset(options={"reset_mask": starting})[0][starting]
+        set_rng_states(resumed["rng"], device)
+        rng.bit_generator.state, eval_rng.bit_generator.state = resumed["explore_rng"], resumed["eval_rng"]
+        if resumed["replay"] is not None:
+            rb.load_state_dict(resumed["replay"])
+        else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
+            rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
+            update_origin = (global_step + args.learning_starts, updates)
+        print(f"resumed {run_dir} at step {global_step:,}")
+        del resumed  # closes the file's memory map
+
+    def check_finite():
+        """Stops the run, keeping the last good checkpoint, once a loss, a Q-value or a weight is not finite."""
+        step = int(bad_step)  # a device sync: only at log points and checkpoints
+        weights_ok = bool(torch.stack([p.isfinite().all() for p in q_network.parameters()]).all())
+        if step >= 0 or not weights_ok:
+            where = f"at step {step:,}" if step >= 0 else f"in the network's weights by step {global_step:,}"
+            kept = f"its last good checkpoint, of step {checkpoint_step:,}, is kept in {checkpoint_path}"
+            writer.close()
+            fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
+
+    def checkpoint():
+        """Writes everything the loop needs to go on exactly as if it had never stopped."""
+        nonlocal checkpoint_step
+        check_finite()
+        writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
+        state = {
+            "algo": ALGO, "global_step": global_step, "updates": updates, "logged_updates": logged_updates,
+            "episodes": episodes, "evaluations": evaluations, "recent_returns": recent_returns,
+            "best_score": best_score, "best_state": best_state, "best_step": best_step,
+            "update_origin": update_origin, "sums": sums,
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(), "optimizer": optimizer.state_dict(),
+            "envs": envs.get_attr("snapshot"), "eval_env": eval_env.snapshot, "obs": obs, "starting": starting,
+            "rng": rng_states(device), "explore_rng": rng.bit_generator.state, "eval_rng": eval_rng.bit_generator.state,
+            "replay": rb.state_dict() if args.checkpoint_buffer else None,
+        }
+        atomic_save(checkpoint_path, lambda tmp: torch.save(state, tmp))
+        checkpoint_step = global_step
+
+    if global_step == 0:
+        checkpoint()  # a run killed before its first periodic checkpoint can still be resumed
+    checkpoint_due = False
+    start_step, start_time = global_step, time.time()
+    last_print, eval_time = start_time, 0.0
     while global_step < args.total_timesteps:
         # Act: epsilon-greedy, one coin per env
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
@@ -607,12 +843,15 @@ def main(args: Args):
                 writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
                 writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
                 recent_returns = (recent_returns + [float(infos["episode"]["r"][i])])[-20:]
+                episodes += 1
 
         # Learn: updates per agent step stay 1/train_frequency whatever the number of envs
-        if global_step > args.learning_starts:
-            due = (global_step - args.learning_starts) // args.train_frequency
+        if global_step > update_origin[0]:
+            due = update_origin[1] + (global_step - update_origin[0]) // args.train_frequency
             while updates < due:
-                sums += torch.stack(update(q_network, target_network, optimizer, rb.sample(args.batch_size), args))
+                stats = torch.stack(update(q_network, target_network, optimizer, rb.sample(args.batch_size), args))
+                sums += stats
+                bad_step = torch.where((bad_step < 0) & ~stats.isfinite().all(), global_step, bad_step)  # no sync
                 updates += 1
         if crossed(before, global_step, args.target_network_frequency):
             target_network.load_state_dict(q_network.state_dict())
@@ -620,12 +859,13 @@ def main(args: Args):
         if crossed(before, global_step, args.log_interval):
             if updates > logged_updates:  # means over the updates since the last point; .tolist() is the one sync
                 loss, q_mean, gap = (sums / (updates - logged_updates)).tolist()
+                check_finite()
                 writer.add_scalar("losses/td_loss", loss, global_step)
                 writer.add_scalar("losses/q_values", q_mean, global_step)
                 writer.add_scalar("metrics/action_gap", gap, global_step)
                 sums.zero_()
                 logged_updates = updates
-            sps = global_step / max(time.time() - start_time - eval_time, 1e-9)
+            sps = (global_step - start_step) / max(time.time() - start_time - eval_time, 1e-9)
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
             writer.add_scalar("charts/updates", updates, global_step)
@@ -634,22 +874,35 @@ def main(args: Args):
             eval_start = time.time()
             result = evaluate(q_network, eval_env, device, args.eval_epsilon, args.gamma, eval_rng, max_steps=args.eval_steps)
             eval_time += time.time() - eval_start
+            evaluations += 1
             score = float(np.mean(result["scores"]))
             writer.add_scalar("eval/episodic_return", score, global_step)
             writer.add_scalar("eval/overestimation", result["overestimation"], global_step)
             if score > best_score:  # keep the best network, as the protocol's final evaluation plays it
                 best_score, best_state, best_step = score, copy.deepcopy(q_network.state_dict()), global_step
-            print(f"eval at step {global_step:,}: mean score {score:.1f} over {len(result['scores'])} episodes, "
+            print(f"evaluation {evaluations} at step {global_step:,}: mean score {score:.1f} over {len(result['scores'])} episodes, "
                   f"overestimation {result['overestimation']:.3f}")
 
         now = time.time()
         if now - last_print >= args.progress_interval or global_step >= args.total_timesteps:
             last_print, elapsed = now, now - start_time
-            eta = (args.total_timesteps - global_step) * elapsed / max(global_step, 1)
+            eta = (args.total_timesteps - global_step) * elapsed / max(global_step - start_step, 1)
             recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
             print(f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) | "
-                  f"{global_step / elapsed:,.0f} SPS overall | elapsed {format_duration(elapsed)} | ETA {format_duration(eta)} | "
-                  f"return (last {len(recent_returns)}) {recent}", flush=True)
+                  f"{(global_step - start_step) / elapsed:,.0f} SPS overall | elapsed {format_duration(elapsed)} | "
+                  f"ETA {format_duration(eta)} | {episodes:,} episodes, return (last {len(recent_returns)}) {recent}", flush=True)
+
+        checkpoint_due |= bool(crossed(before, global_step, args.checkpoint_interval))
+        if (checkpoint_due or stop_signals) and not starting.any():  # an env due to autoreset cannot be saved: wait a step
+            checkpoint()
+            checkpoint_due = False
+            if stop_signals:
+                writer.close()
+                print(f"signal {signal.Signals(stop_signals[0]).name}: checkpoint at step {global_step:,} in {checkpoint_path}; "
+                      f"continue with --resume {run_dir} (exit code {EXIT_REQUEUE})", flush=True)
+                sys.exit(EXIT_REQUEUE)
+    if global_step > start_step:
+        checkpoint()  # the end of training: a final evaluation cut short, or a longer run, resumes from here
     envs.close()
 
     if args.save_model:
@@ -678,12 +931,17 @@ def main(args: Args):
         "std": float(np.std(scores)),
         "overestimation": result["overestimation"],
     }
-    with open(os.path.join(run_dir, "final_eval.json"), "w") as f:
-        json.dump(final, f, indent=2)
+    final_path = os.path.join(run_dir, "final_eval.json")
+    if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result
+        previous = json.load(open(final_path))
+        os.replace(final_path, os.path.join(run_dir, f"final_eval_step{previous['total_steps']}.json"))
+    write_json(final_path, final)
     writer.close()
     print(f"final evaluation: mean {final['mean']:.1f}, median {final['median']:.1f} over {len(scores)} episodes "
-          f"-> {os.path.join(run_dir, 'final_eval.json')}")
+          f"-> {final_path}")
+    for sig, handler in previous_handlers.items():  # for callers that go on after main(), such as tests
+        signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

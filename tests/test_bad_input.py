@@ -87,3 +87,67 @@ def test_command_line_exit_code(tmp_path, script, flags, word):
     assert proc.returncode == 2
     assert word in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------
+# --resume and checkpoint flags: refused before anything is written, and the run directory is left as it was
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A real (tiny) DQN run with its checkpoint; a second directory with its config but no checkpoint."""
+    cwd = tmp_path_factory.mktemp("runs")
+    flags = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "300", "--learning-starts", "100", "--buffer-size", "500",
+             "--batch-size", "8", "--eval-interval", "0", "--final-eval-episodes", "1", "--max-episode-steps", "60", "--no-cuda"]
+    for name in ("done", "nockpt"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_atari_meanexp.py"), *flags, "--run-name", name],
+                              cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    os.remove(cwd / "runs" / "nockpt" / "checkpoint.pt")
+    (cwd / "runs" / "foreign").mkdir()
+    (cwd / "runs" / "foreign" / "notes.txt").write_text("not a run")
+    (cwd / "runs" / "garbled").mkdir()
+    (cwd / "runs" / "garbled" / "config.json").write_text("{ half a json")
+    return cwd
+
+
+def listing(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+RESUME_BAD = [
+    (dqn, ["--resume", "runs/missing"], ["--resume 'runs/missing': no such directory"]),
+    (dqn, ["--resume", "runs/foreign"], ["'runs/foreign' is not a run directory", "config.json"]),
+    (iqn, ["--resume", "runs/garbled"], ["'runs/garbled' is not a run directory"]),
+    (iqn, ["--resume", "runs/done"], ["'runs/done' is a DQN run", "dqn_atari_meanexp.py"]),
+    (dqn, ["--resume", "runs/nockpt"], ["'runs/nockpt' has no checkpoint.pt", "remove or rename the directory"]),
+    (dqn, ["--resume", "runs/done", "--learning-rate", "0.001"], ["--learning-rate 0.001 differs from the run's 6.25e-05",
+                                                                  "--total-timesteps"]),
+    (dqn, ["--resume", "runs/done", "--me-coef", "0"], ["--me-coef 0.0 differs from the run's 18.0"]),
+    (dqn, ["--resume", "runs/done", "--run-name", "other"], ["--run-name other differs from the run's done"]),
+    (dqn, ["--resume", "runs/done", "--total-timesteps", "100"], ["--total-timesteps 100 is below the 300 steps"]),
+    (dqn, ["--resume", "runs/done", "--checkpoint-interval", "-1"], ["--checkpoint-interval must be >= 0 (got -1)"]),
+    (iqn, ["--checkpoint-interval", "-5"], ["--checkpoint-interval must be >= 0 (got -5)"]),
+    (dqn, ["--sticky-action-prob", "1"], ["--sticky-action-prob must be in [0, 1) (got 1.0)"]),
+]
+
+
+@pytest.mark.parametrize("script,flags,words", RESUME_BAD, ids=[f"{s.ALGO} {' '.join(f)}" for s, f, _ in RESUME_BAD])
+def test_bad_resume_is_refused_and_changes_nothing(finished_run, monkeypatch, capsys, script, flags, words):
+    monkeypatch.chdir(finished_run)
+    before = listing(finished_run)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.parse_args(flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    for word in words:
+        assert word in err
+    assert listing(finished_run) == before  # nothing written, nothing half-created
+
+
+def test_resume_from_the_command_line_exits_2(finished_run):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "iqn_atari_meanexp.py"), "--resume", "runs/done"],
+                          cwd=finished_run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is a DQN run" in proc.stderr

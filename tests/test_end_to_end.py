@@ -19,7 +19,7 @@ TINY = ["--total-timesteps", "600", "--learning-starts", "200", "--buffer-size",
 
 
 def run_script(script, cwd, *flags):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 

@@ -12,7 +12,9 @@ ALGORITHM = {"ALGO", "Args", "POSITIVE_ALGO_FLAGS", "QNetwork", "IQNNetwork", "m
              "quantile_huber_loss", "iqn_loss", "update"}
 SHARED = {"check_args", "available_memory_bytes", "make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffer",
           "action_gap", "make_optimizer", "linear_schedule", "discounted_returns", "evaluate", "effective_settings",
-          "format_duration", "crossed", "fail", "main"}
+          "format_duration", "crossed", "fail", "main", "RESUME_MAY_CHANGE", "CHECKPOINT", "read_config", "parse_args",
+          "check_resume", "SnapshotEnv", "leave_signals_to_main_process", "atomic_save", "write_json", "rng_states",
+          "set_rng_states", "HEADROOM_BYTES", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_REQUEUE"}
 ARGS_DIFFERENCES = {"exp_name", "learning_rate", "adam_eps"}  # shared flags whose defaults differ (PAPER.md)
 
 
