@@ -1,6 +1,8 @@
 """Resident memory of a full replay buffer: fills --buffer-size transitions and reads VmRSS.
+With --checkpoint PATH, also times writing the buffer as a checkpoint does and loading it back.
 
     python benchmarks/replay_memory.py --buffer-size 1000000 --num-envs 8
+    python benchmarks/replay_memory.py --buffer-size 1000000 --num-envs 8 --checkpoint /tmp/replay.pt
 """
 
 import argparse
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dqn_atari_meanexp import ReplayBuffer  # noqa: E402
+from dqn_atari_meanexp import ReplayBuffer, atomic_save  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -28,6 +30,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--buffer-size", type=int, default=1_000_000)
     parser.add_argument("--num-envs", type=int, default=8)
+    parser.add_argument("--checkpoint", default=None, help="a file to write the buffer to and read it back from (deleted after)")
     args = parser.parse_args()
     before = rss_bytes()
     rb = ReplayBuffer(args.buffer_size, args.num_envs, torch.device("cpu"))
@@ -50,4 +53,17 @@ if __name__ == "__main__":
         "fill_seconds": round(filled, 2),
         "sample_ms_batch32": round((time.time() - sample_start) * 10, 3),
     }
+    if args.checkpoint:
+        start = time.time()
+        atomic_save(args.checkpoint, lambda tmp: torch.save({"replay": rb.state_dict()}, tmp))  # as the scripts do
+        result["checkpoint_write_seconds"] = round(time.time() - start, 1)
+        result["checkpoint_bytes"] = os.path.getsize(args.checkpoint)
+        result["rss_after_write_bytes"] = rss_bytes()
+        start = time.time()
+        copy = ReplayBuffer(args.buffer_size, args.num_envs, torch.device("cpu"))
+        copy.load_state_dict(torch.load(args.checkpoint, weights_only=False, mmap=True)["replay"])
+        result["checkpoint_load_seconds"] = round(time.time() - start, 1)
+        result["rss_after_load_bytes"] = rss_bytes()  # both buffers: the loaded one is a copy, not the file's mapping
+        result["loaded_equal"] = bool(np.array_equal(copy.frames, rb.frames) and np.array_equal(copy.valid, rb.valid))
+        os.remove(args.checkpoint)
     print(json.dumps(result, indent=2))
