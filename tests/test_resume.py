@@ -162,11 +162,11 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def interrupt(proc, at_step):
-    """Sends SIGTERM once the run's progress line passes at_step; returns the run's output."""
+def interrupt(proc, at_step, sig=signal.SIGTERM):
+    """Sends sig once the run's progress line passes at_step; returns the run's output."""
     for line in proc.stdout:
         if line.startswith("step ") and int(line.split()[1].split("/")[0].replace(",", "")) >= at_step:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
     output = proc.stdout.read()
     proc.wait(timeout=300)
@@ -249,7 +249,8 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoin
 def test_without_the_buffer_a_resumed_run_refills_it_before_learning(tmp_path):
     flags = [*TINY, "--env-id", "ALE/Pong-v5", "--no-checkpoint-buffer", "--progress-interval", "0.001", "--run-name", "nb"]
     proc = start("dqn", tmp_path, *flags)
-    assert interrupt(proc, at_step=500) and proc.returncode == dqn.EXIT_REQUEUE
+    output = interrupt(proc, at_step=500, sig=signal.SIGUSR1)  # SLURM's usual warning signal
+    assert "signal SIGUSR1: checkpoint at step" in output and proc.returncode == dqn.EXIT_REQUEUE
     state = torch.load(tmp_path / "runs/nb/checkpoint.pt", weights_only=False)
     assert state["replay"] is None
     stopped_at, updates_then = state["global_step"], state["updates"]
