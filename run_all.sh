@@ -1,0 +1,374 @@
+#!/usr/bin/env bash
+# run_all.sh: plans and launches the paper's comparison (Atari games x DQN/IQN x k values x seeds),
+# on this machine across its GPUs, or on a SLURM cluster as one job array. ./run_all.sh --help
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
+GAMES_CSV="$HERE/atari57.csv"
+EXIT_REQUEUE=75    # the scripts' exit code after a checkpoint on SIGTERM/SIGUSR1: resume, do not count as failed
+EXIT_NON_FINITE=3  # the scripts' exit code when a run diverged: failed, never retried
+
+usage() {
+  cat <<EOF
+Usage: $(basename "$0") [options] [-- flags passed to every run]
+
+Plans one run per game x algorithm x k x seed and launches them. Runs go to ./runs/NAME
+(NAME = GAME__ALGO__kK__sSEED); a run already finished is skipped, one that was stopped is
+resumed from its checkpoint. Batch files (plans, logs, sbatch scripts) go to ./runs/_batch/.
+With no options: the paper's comparison, 57 games x {dqn, iqn} x k in {0, default} x seeds 1-3.
+
+What to run:
+  --algos LIST          dqn, iqn or both, comma-separated (default: dqn,iqn)
+  --games LIST          game names as in atari57.csv (breakout,ms_pacman,...), or all (default: all)
+  --games-file FILE     game names, one per line (# starts a comment), instead of --games
+  --seeds LIST          numbers and ranges: 1-3 (default), 1,4,7, 1-5,10
+  --k LIST              mean-expansion coefficients: numbers >= 0, or default (= |A|) (default: 0,default)
+  --v4                  use the NoFrameskip-v4 ids (CleanRL's protocol: add its flags after --); surround has none
+  --dry-run             print every planned command, launch nothing
+  --backend local|slurm where to run (default: local)
+
+Local backend:
+  --gpus LIST           GPU indices to use (0,1,2,3), or none for CPU (default: every GPU nvidia-smi lists, else none)
+  --runs-per-gpu N      runs sharing one GPU at a time (default: 1)
+  --max-parallel P      at most P runs at a time (default: GPUs x runs-per-gpu, or 1 on CPU)
+
+SLURM backend (one array task per run; a task stopped by a time limit or preemption is requeued and resumes):
+  --partition P         partition (default: the cluster's default)
+  --account A           account to charge (default: none given)
+  --time T              time limit per task, as sbatch takes it (default: 24:00:00)
+  --gpus-per-task N     GPUs per task, 0 for none (default: 1)
+  --cpus-per-task N     CPUs per task (default: 4)
+  --mem M               memory per task, as sbatch takes it (default: 16G; the replay buffer alone needs 7.1 GB)
+  --throttle N          at most N tasks running at once (the array's %N; default: no limit)
+  --signal-lead S       seconds before the time limit at which a task is told to checkpoint (default: 300)
+
+Environment: PYTHON (default: python, else python3) runs the scripts.
+Exit code: 0 all planned runs finished; 1 a run failed; 2 bad input; 130 interrupted (Ctrl-C: every run
+checkpoints and stops; run the same command again to resume them).
+EOF
+}
+
+die() { echo "run_all.sh: error: $*" >&2; exit 2; }
+log() { echo "run_all.sh: $*"; }
+
+python_cmd() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"
+  elif command -v python >/dev/null 2>&1; then echo python
+  else echo python3; fi
+}
+
+# ---------------------------------------------------------------------------
+# One run (both backends): fresh, resumed or skipped; signals reach the Python process
+# ---------------------------------------------------------------------------
+
+run_one() {  # run_one PLAN INDEX: the INDEX-th line (from 0) of PLAN is "NAME<TAB>SCRIPT<TAB>quoted flags"
+  local plan=$1 index=$2 line name script flags
+  line=$(sed -n "$((index + 1))p" "$plan")
+  [ -n "$line" ] || die "no run $index in $plan"
+  IFS=$'\t' read -r name script flags <<<"$line"
+  local dir="runs/$name" py
+  py=$(python_cmd)
+  eval "local args=($flags)"
+  if [ -f "$dir/final_eval.json" ]; then
+    echo "run_all.sh: $name is finished (runs/$name/final_eval.json): skipped"
+    return 0
+  elif [ -f "$dir/checkpoint.pt" ]; then
+    args+=(--resume "$dir")
+  elif [ -e "$dir" ]; then  # stopped before its first checkpoint: nothing to resume, keep it aside
+    mkdir -p runs/_batch/stale
+    mv "$dir" "runs/_batch/stale/$name.$(date +%Y%m%d-%H%M%S)"
+  fi
+  echo "run_all.sh: $(date '+%F %T') start $name on ${CUDA_VISIBLE_DEVICES:-CPU}: $py $script ${args[*]}"
+  local child="" stop=0 code=0
+  trap 'stop=1; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null || true' TERM USR1 INT  # the run checkpoints, exits 75
+  "$py" "$HERE/$script" "${args[@]}" &
+  child=$!
+  [ "$stop" = 0 ] || kill -TERM "$child"  # a signal came before the run started
+  while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done  # a trapped signal interrupts wait: wait on
+  wait "$child" || code=$?  # bash keeps the ended run's exit code for this
+  trap - TERM USR1 INT
+  echo "run_all.sh: $(date '+%F %T') end $name: exit code $code"
+  if [ "$code" = "$EXIT_REQUEUE" ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+    echo "run_all.sh: requeueing array task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}: it resumes from its checkpoint"
+    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+  fi
+  return "$code"
+}
+
+if [ "${1:-}" = "--run-one" ]; then
+  [ $# -eq 3 ] || die "--run-one PLAN INDEX"
+  code=0
+  run_one "$2" "$3" || code=$?
+  exit "$code"
+fi
+
+# ---------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------
+
+algos=dqn,iqn games=all games_file="" seeds=1-3 ks=0,default v4=0 dry_run=0 backend=local
+gpus="" runs_per_gpu=1 max_parallel="" partition="" account="" time_limit=24:00:00 gpus_per_task=1
+cpus_per_task=4 mem=16G throttle="" signal_lead=300
+extra=()
+needs_value() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --algos) needs_value "$@"; algos=$2; shift ;;
+    --games) needs_value "$@"; games=$2; shift ;;
+    --games-file) needs_value "$@"; games_file=$2; shift ;;
+    --seeds) needs_value "$@"; seeds=$2; shift ;;
+    --k) needs_value "$@"; ks=$2; shift ;;
+    --v4) v4=1 ;;
+    --dry-run) dry_run=1 ;;
+    --backend) needs_value "$@"; backend=$2; shift ;;
+    --gpus) needs_value "$@"; gpus=$2; shift ;;
+    --runs-per-gpu) needs_value "$@"; runs_per_gpu=$2; shift ;;
+    --max-parallel) needs_value "$@"; max_parallel=$2; shift ;;
+    --partition) needs_value "$@"; partition=$2; shift ;;
+    --account) needs_value "$@"; account=$2; shift ;;
+    --time) needs_value "$@"; time_limit=$2; shift ;;
+    --gpus-per-task) needs_value "$@"; gpus_per_task=$2; shift ;;
+    --cpus-per-task) needs_value "$@"; cpus_per_task=$2; shift ;;
+    --mem) needs_value "$@"; mem=$2; shift ;;
+    --throttle) needs_value "$@"; throttle=$2; shift ;;
+    --signal-lead) needs_value "$@"; signal_lead=$2; shift ;;
+    --) shift; extra=("$@"); break ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+  shift
+done
+
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }  # a whole number >= 1
+for pair in "runs-per-gpu:$runs_per_gpu" "cpus-per-task:$cpus_per_task" "signal-lead:$signal_lead" \
+            "max-parallel:${max_parallel:-1}" "throttle:${throttle:-1}"; do
+  is_count "${pair#*:}" || die "--${pair%%:*} must be a whole number >= 1 (got '${pair#*:}')"
+done
+[[ $gpus_per_task =~ ^[0-9]+$ ]] || die "--gpus-per-task must be a whole number >= 0 (got '$gpus_per_task')"
+case $backend in local|slurm) ;; *) die "--backend must be local or slurm (got '$backend')" ;; esac
+if [ "$backend" = slurm ] && [ "$dry_run" = 0 ] && ! command -v sbatch >/dev/null 2>&1; then
+  die "--backend slurm needs sbatch on PATH (is this a SLURM login node?)"
+fi
+
+if [ -z "$gpus" ]; then
+  gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, - || true)
+  [ -n "$gpus" ] || gpus=none
+fi
+gpu_list=()
+if [ "$gpus" != none ]; then
+  IFS=, read -ra gpu_list <<<"$gpus"
+  for g in "${gpu_list[@]}"; do [[ $g =~ ^[0-9]+$ ]] || die "--gpus takes GPU indices such as 0,1, or none (got '$gpus')"; done
+fi
+
+IFS=, read -ra algo_list <<<"$algos"
+[ ${#algo_list[@]} -gt 0 ] || die "--algos is empty"
+for a in "${algo_list[@]}"; do
+  case $a in dqn|iqn) ;; *) die "unknown algorithm '$a' in --algos (allowed: dqn, iqn)" ;; esac
+done
+
+seed_list=()
+IFS=, read -ra seed_parts <<<"$seeds"
+for part in "${seed_parts[@]}"; do
+  if [[ $part =~ ^[0-9]+$ ]]; then seed_list+=("$part")
+  elif [[ $part =~ ^([0-9]+)-([0-9]+)$ ]] && [ "${BASH_REMATCH[1]}" -le "${BASH_REMATCH[2]}" ]; then
+    for ((s = BASH_REMATCH[1]; s <= BASH_REMATCH[2]; s++)); do seed_list+=("$s"); done
+  else die "--seeds takes numbers and ranges such as 1-3,7 (got '$part' in '$seeds')"; fi
+done
+[ ${#seed_list[@]} -gt 0 ] || die "--seeds is empty"
+
+k_list=()
+IFS=, read -ra k_parts <<<"$ks"
+for k in "${k_parts[@]}"; do
+  [[ $k == default || $k =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--k takes numbers >= 0 and 'default' (got '$k' in '$ks')"
+  k_list+=("$k")
+done
+[ ${#k_list[@]} -gt 0 ] || die "--k is empty"
+
+# Games: names and ids from atari57.csv
+declare -A env_id=()
+all_games=()
+while IFS=, read -r game v5 v4id _; do
+  [ "$game" = game ] && continue
+  all_games+=("$game")
+  if [ "$v4" = 1 ]; then env_id[$game]=$v4id; else env_id[$game]=$v5; fi
+done <"$GAMES_CSV"
+if [ -n "$games_file" ]; then
+  [ -f "$games_file" ] || die "--games-file '$games_file' does not exist"
+  mapfile -t game_list < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$games_file" | grep -v '^$' || true)
+  [ ${#game_list[@]} -gt 0 ] || die "--games-file '$games_file' names no game"
+elif [ "$games" = all ]; then
+  game_list=("${all_games[@]}")
+else
+  IFS=, read -ra game_list <<<"$games"
+fi
+for g in "${game_list[@]}"; do
+  [ -n "${env_id[$g]+x}" ] || die "unknown game '$g' (the names of atari57.csv: ${all_games[*]:0:5} ...; see --help)"
+  [ -n "${env_id[$g]}" ] || die "game '$g' has no NoFrameskip-v4 id; drop it or --v4"
+done
+
+# ---------------------------------------------------------------------------
+# The plan: one line per run
+# ---------------------------------------------------------------------------
+
+plan_lines=()
+for game in "${game_list[@]}"; do
+  for algo in "${algo_list[@]}"; do
+    for k in "${k_list[@]}"; do
+      for seed in "${seed_list[@]}"; do
+        name="${game}__${algo}__k${k}__s${seed}"
+        flags=(--env-id "${env_id[$game]}" --seed "$seed")
+        [ "$k" = default ] || flags+=(--me-coef "$k")
+        flags+=("${extra[@]+"${extra[@]}"}" --run-name "$name")
+        plan_lines+=("$name"$'\t'"${algo}_atari_meanexp.py"$'\t'"$(printf '%q ' "${flags[@]}")")
+      done
+    done
+  done
+done
+names=$(printf '%s\n' "${plan_lines[@]}" | cut -f1 | sort | uniq -d)
+[ -z "$names" ] || die "the plan names a run twice: $(echo $names)"
+
+# The scripts check the extra flags themselves, once per algorithm, before anything is launched
+for flag in "${extra[@]+"${extra[@]}"}"; do
+  case ${flag%%=*} in
+    --env-id|--seed|--me-coef|--run-name|--resume) die "$flag after -- is set by run_all.sh for each run (use --games, --seeds, --k)" ;;
+  esac
+done
+for algo in "${algo_list[@]}"; do
+  "$(python_cmd)" - "$HERE" "$algo" "${extra[@]+"${extra[@]}"}" <<'PY' || die "the flags after -- are not valid for ${algo}_atari_meanexp.py (above)"
+import importlib, sys
+sys.path.insert(0, sys.argv[1])
+script = importlib.import_module(f"{sys.argv[2]}_atari_meanexp")
+errors = script.check_args(script.parse_args(sys.argv[3:]))
+for message in errors:
+    print(f"error: {message}", file=sys.stderr)
+sys.exit(2 if errors else 0)
+PY
+done
+
+if [ "$dry_run" = 1 ]; then
+  py=$(python_cmd)
+  for line in "${plan_lines[@]}"; do
+    IFS=$'\t' read -r name script flags <<<"$line"
+    echo "$py $HERE/$script $flags"
+  done
+  echo "# ${#plan_lines[@]} runs: ${#game_list[@]} games x ${#algo_list[@]} algorithms x ${#k_list[@]} k values x ${#seed_list[@]} seeds" >&2
+  exit 0
+fi
+
+stamp=$(date +%Y%m%d-%H%M%S)
+mkdir -p runs/_batch/logs
+todo=()  # plan lines of the runs not finished yet
+done_before=0
+for line in "${plan_lines[@]}"; do
+  if [ -f "runs/${line%%$'\t'*}/final_eval.json" ]; then done_before=$((done_before + 1)); else todo+=("$line"); fi
+done
+plan=runs/_batch/plan-$stamp.tsv
+printf '%s\n' "${todo[@]+"${todo[@]}"}" >"$plan"
+log "${#plan_lines[@]} runs planned: $done_before already finished (skipped), ${#todo[@]} to run; plan in $plan"
+[ ${#todo[@]} -gt 0 ] || exit 0
+
+# ---------------------------------------------------------------------------
+# SLURM backend: one sbatch job array
+# ---------------------------------------------------------------------------
+
+if [ "$backend" = slurm ]; then
+  batch=runs/_batch/slurm-$stamp.sbatch
+  mkdir -p runs/_batch/slurm
+  {
+    echo "#!/bin/bash"
+    echo "#SBATCH --job-name=meanexp"
+    echo "#SBATCH --array=0-$((${#todo[@]} - 1))${throttle:+%$throttle}"
+    [ -z "$partition" ] || echo "#SBATCH --partition=$partition"
+    [ -z "$account" ] || echo "#SBATCH --account=$account"
+    echo "#SBATCH --time=$time_limit"
+    [ "$gpus_per_task" = 0 ] || echo "#SBATCH --gres=gpu:$gpus_per_task"
+    echo "#SBATCH --cpus-per-task=$cpus_per_task"
+    echo "#SBATCH --mem=$mem"
+    echo "#SBATCH --output=$PWD/runs/_batch/slurm/%A_%a.out"
+    echo "#SBATCH --open-mode=append"
+    echo "#SBATCH --requeue"
+    echo "#SBATCH --signal=B:USR1@$signal_lead"
+    echo "# USR1 comes $signal_lead s before the time limit: the run checkpoints, exits $EXIT_REQUEUE and the task requeues itself"
+    echo "export OMP_NUM_THREADS=\${OMP_NUM_THREADS:-\$SLURM_CPUS_PER_TASK}  # PyTorch's CPU threads: this task's CPUs"
+    echo "cd $(printf '%q' "$PWD")"
+    echo "exec $(printf '%q' "$SELF") --run-one $(printf '%q' "$PWD/$plan") \"\$SLURM_ARRAY_TASK_ID\""
+  } >"$batch"
+  log "sbatch script: $batch"
+  job=$(sbatch --parsable "$batch") || die "sbatch refused $batch (its message is above)"
+  log "submitted job array $job (${#todo[@]} tasks); watch it with: squeue -j ${job%%;*}"
+  log "task logs: runs/_batch/slurm/${job%%;*}_INDEX.out; run this command again after the array ends to pick up failures"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# Local backend: at most P runs at a time, each pinned to a GPU
+# ---------------------------------------------------------------------------
+
+slots=()  # one entry per concurrent run: the GPU it uses ("" on CPU)
+if [ ${#gpu_list[@]} -eq 0 ]; then
+  slots=("")
+else
+  for ((r = 0; r < runs_per_gpu; r++)); do slots+=("${gpu_list[@]}"); done
+fi
+parallel=${max_parallel:-${#slots[@]}}
+for ((s = ${#slots[@]}; s < parallel; s++)); do slots+=("${slots[$((s % ${#slots[@]}))]}"); done  # share GPUs round-robin
+# PyTorch's CPU threads: the cores shared out between the runs, not every run on every core
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / parallel > 0 ? $(nproc) / parallel : 1 ))}
+log "local: at most $parallel at a time, on ${gpus/none/CPU}, $OMP_NUM_THREADS CPU threads each; logs in runs/_batch/logs/NAME.log"
+
+declare -A slot_of=() name_of=()  # running: pid -> slot, pid -> run name
+free=()
+for ((s = 0; s < parallel; s++)); do free+=("$s"); done
+finished=() failed=() stopped=()
+interrupted=0
+
+stop_all() {  # a trap: it runs inside collect(), so its variable must be local not to overwrite collect's
+  local run
+  interrupted=1
+  log "stopping: every run checkpoints and exits (run the same command again to resume them)"
+  for run in "${!name_of[@]}"; do kill -TERM "$run" 2>/dev/null || true; done
+}
+trap stop_all INT TERM
+
+collect() {  # waits for one run to end and records how it ended
+  local pid code=0
+  wait -n -p pid "${!name_of[@]}" || code=$?
+  [ -n "${pid:-}" ] || return 0  # interrupted by a signal: nothing ended
+  local name=${name_of[$pid]}
+  case $code in
+    0) finished+=("$name") ;;
+    "$EXIT_REQUEUE") stopped+=("$name") ;;
+    *) failed+=("$name (exit code $code): runs/_batch/logs/$name.log") ;;
+  esac
+  free+=("${slot_of[$pid]}")
+  unset "name_of[$pid]" "slot_of[$pid]"
+}
+
+for i in "${!todo[@]}"; do
+  [ "$interrupted" = 0 ] || break
+  while [ ${#free[@]} -eq 0 ]; do collect; done
+  [ "$interrupted" = 0 ] || break
+  slot=${free[0]}
+  free=("${free[@]:1}")
+  name=${todo[$i]%%$'\t'*}
+  gpu=${slots[$slot]}
+  # setsid: a Ctrl-C in the terminal reaches only run_all.sh, which asks each run to checkpoint first
+  if [ -n "$gpu" ]; then
+    CUDA_VISIBLE_DEVICES=$gpu setsid "$SELF" --run-one "$plan" "$i" >>"runs/_batch/logs/$name.log" 2>&1 &
+  else
+    CUDA_VISIBLE_DEVICES="" setsid "$SELF" --run-one "$plan" "$i" >>"runs/_batch/logs/$name.log" 2>&1 &
+  fi
+  slot_of[$!]=$slot
+  name_of[$!]=$name
+  log "started $name on ${gpu:-CPU} (log: runs/_batch/logs/$name.log)"
+done
+while [ ${#name_of[@]} -gt 0 ]; do collect; done
+
+log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, ${#failed[@]} failed, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - ${#failed[@]} )) not started"
+for f in "${failed[@]+"${failed[@]}"}"; do log "failed: $f"; done
+[ ${#failed[@]} -eq 0 ] || log "the failed runs' commands are the 'start' lines of their logs; run this command again to retry them"
+[ ${#stopped[@]} -eq 0 ] || log "stopped runs resume from their checkpoints when this command runs again"
+if [ "$interrupted" = 1 ]; then exit 130; fi
+[ ${#failed[@]} -eq 0 ] || exit 1
+exit 0
