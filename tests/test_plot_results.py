@@ -1,0 +1,179 @@
+"""plot_results.py on synthetic run folders with known values: the numbers, the figures, and what is missing."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib import image
+
+from conftest import ROOT
+from synthetic_runs import DEMO_GAMES, make_demo, write_run
+
+FAST = ["--reps", "300", "--curve-reps", "30", "--curve-points", "5", "--workers", "2"]
+GAMES = list(DEMO_GAMES)  # 8 games with their ids and random and human scores
+
+
+def plot(runs_dir, out_dir, *extra, code=0):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_results.py"), "--runs-dir", str(runs_dir),
+                           "--out-dir", str(out_dir), *FAST, *extra], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    return proc
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def score_of(game, hns):
+    """The raw game score whose human-normalized score is hns."""
+    _, random_score, human_score = DEMO_GAMES[game]
+    return random_score + hns * (human_score - random_score)
+
+
+def curve(final):
+    return [(250_000, final / 2), (500_000, final)]
+
+
+def aggregate(rows, algo, k, metric):
+    row = next(r for r in rows if (r["algo"], r["me_coef"], r["metric"]) == (algo, k, metric))
+    return float(row["value"]), float(row["ci_low"]), float(row["ci_high"]), row
+
+
+def test_scores_are_read_from_the_recorded_settings_and_normalized_exactly(tmp_path):
+    runs = tmp_path / "runs"
+    # directory names that say something else: only config.json counts
+    write_run(runs, "pong_dqn_k0_s1", "iqn", "ALE/Breakout-v5", seed=7, final_mean=30.5, eval_returns=curve(30.5))  # human
+    write_run(runs, "pong_dqn_k0_s2", "iqn", "ALE/Breakout-v5", seed=8, final_mean=1.7, eval_returns=curve(1.7))  # random
+    write_run(runs, "x", "dqn", "PongNoFrameskip-v4", seed=1, me_coef=0, final_mean=-20.7, eval_returns=curve(-20.7))
+    plot(runs, tmp_path / "out")
+    rows = {(r["algo"], r["me_coef"], r["game"]): r for r in read_csv(tmp_path / "out" / "per_game.csv")}
+    assert set(rows) == {("iqn", "|A|", "breakout"), ("dqn", "0", "pong")}
+    breakout = rows[("iqn", "|A|", "breakout")]
+    assert (breakout["seeds"], breakout["n_seeds"]) == ("7 8", "2")
+    assert float(breakout["mean"]) == pytest.approx(16.1, abs=1e-12) and float(breakout["std"]) == pytest.approx(14.4, abs=1e-12)
+    assert float(breakout["human_normalized"]) == pytest.approx(0.5, abs=1e-12)  # (16.1 - 1.7) / (30.5 - 1.7)
+    assert float(rows[("dqn", "0", "pong")]["human_normalized"]) == 0.0
+
+
+# human-normalized scores of 8 games x 2 seeds, for a hand computation of the aggregates
+HNS = np.array([[0.0, 0.3, 0.5, 0.7, 0.9, 1.2, 2.0, 5.0],
+                [0.2, 0.1, 0.6, 0.8, 1.1, 1.4, 3.0, 4.0]])
+
+
+def write_matrix(runs, algo, k, matrix, seeds=None):
+    for s, row in enumerate(matrix):
+        seed = (seeds or range(1, len(matrix) + 1))[s]
+        for game, hns in zip(GAMES, row):
+            final = score_of(game, hns)
+            write_run(runs, f"{game}__{algo}__k{k}__s{seed}", algo, DEMO_GAMES[game][0], seed,
+                      me_coef=None if k == "A" else float(k), final_mean=final, eval_returns=curve(final))
+
+
+def test_aggregates_match_a_hand_computation(tmp_path):
+    runs = tmp_path / "runs"
+    write_matrix(runs, "dqn", "0", HNS)
+    write_matrix(runs, "dqn", "A", HNS + 10)  # better on every game and seed
+    plot(runs, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "aggregate.csv")
+    values = np.sort(HNS.ravel())
+    expected = {
+        "iqm": values[4:12].mean(),  # 16 scores: the middle half, without the 4 lowest and the 4 highest
+        "median": np.median(HNS.mean(axis=0)),  # median of the per-game means
+        "mean": HNS.mean(),
+        "optimality_gap": 1 - np.minimum(HNS, 1).mean(),
+    }
+    assert expected["iqm"] == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 + 1.1 + 1.2 + 1.4 + 0.5) / 8)
+    for metric, value in expected.items():
+        point, low, high, row = aggregate(rows, "dqn", "0", metric)
+        assert point == pytest.approx(value, abs=1e-9), metric
+        assert low <= point <= high and (row["games"], row["seeds"]) == ("8", "2")
+    point, low, high, row = aggregate(rows, "dqn", "|A| vs 0", "probability_of_improvement")
+    assert (point, low, high) == (1.0, 1.0, 1.0) and row["games"] == "8"
+    assert aggregate(rows, "dqn", "|A|", "optimality_gap")[0] == pytest.approx(0.0, abs=1e-9)  # all above human
+
+
+def test_confidence_intervals_contain_the_estimate_and_shrink_with_more_seeds(tmp_path):
+    rng = np.random.default_rng(1)
+    base = np.linspace(0.2, 3.0, len(GAMES))
+    runs = tmp_path / "runs"
+    write_matrix(runs, "dqn", "0", base + rng.normal(0, 0.5, (3, len(GAMES))))
+    write_matrix(runs, "iqn", "0", base + rng.normal(0, 0.5, (12, len(GAMES))))  # the same spread, 4x the seeds
+    plot(runs, tmp_path / "out", "--reps", "2000")
+    rows = read_csv(tmp_path / "out" / "aggregate.csv")
+    for row in rows:
+        assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"]), row
+    for metric in ("iqm", "mean"):
+        _, low3, high3, _ = aggregate(rows, "dqn", "0", metric)
+        _, low12, high12, _ = aggregate(rows, "iqn", "0", metric)
+        assert high12 - low12 < high3 - low3, metric
+
+
+FIGURES = ["aggregate_iqm.png", "per_game_curves.png", "action_gap.png", "overestimation.png",
+           "relative_change_dqn_kA.png", "relative_change_iqn_kA.png"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(str(root / "runs"), steps=2_000_000)
+    return root
+
+
+def test_every_figure_is_a_valid_png_embedded_in_the_report(demo, tmp_path):
+    plot(demo / "runs", tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    for name in FIGURES:
+        path = tmp_path / "out" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        pixels = image.imread(path)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 0.01, name  # drawn, not blank
+        assert f"![{name}]({name})" in report
+    assert "| dqn | \\|A\\| | iqm |" in report  # the aggregate table, |A| escaped for Markdown
+    assert "Nothing: every variant has every game and seed" not in report  # 49 of the 57 games were never run
+    assert "DQN k=0: no run at all for 49 of 57 games" in report
+
+
+def test_partial_results_are_used_and_every_gap_is_named(demo, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(demo / "runs", runs)
+    for seed in (1, 2, 3):
+        shutil.rmtree(runs / f"pong__dqn__k0__s{seed}")  # a game never run
+    shutil.rmtree(runs / "breakout__iqn__kdefault__s2")  # a seed missing
+    os.remove(runs / "qbert__dqn__kdefault__s3" / "final_eval.json")  # a run still going
+    (runs / "broken").mkdir()
+    (runs / "broken" / "config.json").write_text("{ not json")
+    proc = plot(runs, tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "DQN k=0: no run at all for 50 of 57 games: " in report and "pong" in report.split("DQN k=0: no run at all")[1]
+    assert "IQN k=|A|, breakout: no run for seed(s) [2]" in report
+    assert "IQN k=|A|, final-score aggregate: breakout: only 2 of 3 seeds, left out" in report
+    assert "DQN k=|A|, qbert, seed 3: unfinished (no final_eval.json" in report and "in the curves, not in the final scores" in report
+    assert "DQN k=|A|, final-score aggregate: qbert: only 2 of 3 seeds, left out" in report
+    assert f"not read: {runs / 'broken'}: not a readable run" in report
+    rows = read_csv(tmp_path / "out" / "aggregate.csv")
+    assert aggregate(rows, "dqn", "0", "iqm")[3]["games"] == "7"
+    assert aggregate(rows, "iqn", "|A|", "iqm")[3]["games"] == "7"
+    assert aggregate(rows, "dqn", "|A| vs 0", "probability_of_improvement")[3]["games"] == "6"  # games both have whole
+    per_game = read_csv(tmp_path / "out" / "per_game.csv")
+    qbert = next(r for r in per_game if (r["algo"], r["me_coef"], r["game"]) == ("dqn", "|A|", "qbert"))
+    assert qbert["seeds"] == "1 2"  # the finished seeds still count in the per-game table
+    assert proc.stdout.startswith("92 runs in 4 variants")
+
+
+@pytest.mark.parametrize("runs_dir,args,message", [
+    ("nowhere", [], "--runs-dir 'nowhere' does not exist"),
+    ("runs", [], "no run found under 'runs'"),
+    ("runs", ["--reps", "0"], "--reps must be >= 1 (got 0)"),
+])
+def test_bad_input_writes_nothing(tmp_path, runs_dir, args, message):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("no run here")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_results.py"), "--runs-dir", runs_dir,
+                           "--out-dir", "out", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "out").exists()
