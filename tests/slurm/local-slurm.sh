@@ -48,6 +48,9 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued task waits this long before it starts again (default 120 s); starting it sooner by hand gets it
+# killed with "Job credential revoked"
+AuthInfo=cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$S/state
 SlurmdSpoolDir=$S/spool
