@@ -778,7 +778,9 @@ def main(args: Args):
     else:  # the first command stays; each resume is recorded after it
         previous = read_config(run_dir)
         resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"], "device": str(device)}
-        settings.update(command=previous["command"], resumes=previous.get("resumes", []) + [resume])
+        # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
+        settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
+                        resumes=previous.get("resumes", []) + [resume])
     write_json(os.path.join(run_dir, "config.json"), settings)
     # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
     writer = SummaryWriter(run_dir, purge_step=None if resumed is None else resumed["global_step"] + 1)

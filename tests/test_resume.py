@@ -208,6 +208,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, algo, extra):
     config = json.loads((tmp_path / "runs/cut/config.json").read_text())
     assert [r["step"] for r in config["resumes"]] == [stopped_at] and "--resume runs/cut" in config["resumes"][0]["command"]
     assert "--run-name cut" in config["command"]  # the first command stays
+    straight = json.loads((tmp_path / "runs/straight/config.json").read_text())
+    differ = ("run_name", "resume", "command", "resumes")  # every other setting, me_coef_default included, is the run's own
+    assert {k: v for k, v in config.items() if k not in differ} == {k: v for k, v in straight.items() if k not in differ}
+    assert config["me_coef_default"] is True  # plot_results.py groups runs by it
 
 
 def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
