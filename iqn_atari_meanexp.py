@@ -844,6 +844,13 @@ def main(args: Args):
             writer.close()
             fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
 
+    def exit_for_requeue(signum, frame=None):
+        """After a checkpoint: says how to continue, then exits with the code a batch system requeues on."""
+        writer.close()
+        print(f"signal {signal.Signals(signum).name}: checkpoint at step {checkpoint_step:,} in {checkpoint_path}; "
+              f"continue with --resume {run_dir} (exit code {EXIT_REQUEUE})", flush=True)
+        sys.exit(EXIT_REQUEUE)
+
     def checkpoint():
         """Writes everything the loop needs to go on exactly as if it had never stopped."""
         nonlocal checkpoint_step
@@ -942,13 +949,14 @@ def main(args: Args):
             checkpoint()
             checkpoint_due = False
             if stop_signals:
-                writer.close()
-                print(f"signal {signal.Signals(stop_signals[0]).name}: checkpoint at step {global_step:,} in {checkpoint_path}; "
-                      f"continue with --resume {run_dir} (exit code {EXIT_REQUEUE})", flush=True)
-                sys.exit(EXIT_REQUEUE)
+                exit_for_requeue(stop_signals[0])
     if global_step > start_step:
         checkpoint()  # the end of training: a final evaluation cut short, or a longer run, resumes from here
     envs.close()
+    for sig in previous_handlers:  # the checkpoint now holds the whole run: a signal stops the final evaluation at once
+        signal.signal(sig, exit_for_requeue)
+    if stop_signals:  # one came on the last training step, while an env was due to autoreset
+        exit_for_requeue(stop_signals[0])
 
     if args.save_model:
         torch.save(q_network.state_dict(), os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"))

@@ -214,6 +214,19 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, algo, extra):
     assert config["me_coef_default"] is True  # plot_results.py groups runs by it
 
 
+def test_a_signal_during_the_final_evaluation_exits_for_requeue_and_resume_finishes_it(tmp_path):
+    flags = [*TINY, "--final-eval-episodes", "20", "--progress-interval", "0.001", "--run-name", "f"]
+    proc = start("dqn", tmp_path, *flags)
+    output = interrupt(proc, at_step=1200, sig=signal.SIGUSR1)  # the last progress line: the final evaluation follows
+    assert proc.returncode == dqn.EXIT_REQUEUE, output
+    assert "signal SIGUSR1: checkpoint at step 1,200" in output and "final evaluation:" not in output
+    assert not (tmp_path / "runs/f/final_eval.json").exists()
+    resumed = run("dqn", tmp_path, "--resume", "runs/f")
+    assert "resumed runs/f at step 1,200" in resumed.stdout
+    final = json.loads((tmp_path / "runs/f/final_eval.json").read_text())
+    assert (final["total_steps"], final["episodes"]) == (1200, 20)
+
+
 def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
     flags = [*TINY, "--env-id", "ALE/Pong-v5", "--total-timesteps", "900", "--checkpoint-interval", "50", "--run-name", "k"]
     proc = start("dqn", tmp_path, *flags)
