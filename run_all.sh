@@ -7,7 +7,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 GAMES_CSV="$HERE/atari57.csv"
 EXIT_REQUEUE=75    # the scripts' exit code after a checkpoint on SIGTERM/SIGUSR1: resume, do not count as failed
-EXIT_NON_FINITE=3  # the scripts' exit code when a run diverged: failed, never retried
+EXIT_NON_FINITE=3  # the scripts' exit code when a run diverged: failed, and named so in the summary
 
 usage() {
   cat <<EOF
@@ -150,6 +150,9 @@ case $backend in local|slurm) ;; *) die "--backend must be local or slurm (got '
 if [ "$backend" = slurm ] && [ "$dry_run" = 0 ] && ! command -v sbatch >/dev/null 2>&1; then
   die "--backend slurm needs sbatch on PATH (is this a SLURM login node?)"
 fi
+if [ "$backend" = local ] && [ "$dry_run" = 0 ] && ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501)); then
+  die "the local backend needs bash 5.1 or newer for 'wait -n -p' (this is bash $BASH_VERSION); use --backend slurm"
+fi
 
 if [ -z "$gpus" ]; then
   gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, - || true)
@@ -217,6 +220,7 @@ for game in "${game_list[@]}"; do
     for k in "${k_list[@]}"; do
       for seed in "${seed_list[@]}"; do
         name="${game}__${algo}__k${k}__s${seed}"
+        [ "$v4" = 0 ] || name+="__v4"  # another protocol: never skipped or resumed as the v5 run of the same name
         flags=(--env-id "${env_id[$game]}" --seed "$seed")
         [ "$k" = default ] || flags+=(--me-coef "$k")
         flags+=("${extra[@]+"${extra[@]}"}" --run-name "$name")
@@ -246,6 +250,34 @@ sys.exit(2 if errors else 0)
 PY
 done
 
+todo=()  # plan lines of the runs not finished yet
+done_before=0
+for line in "${plan_lines[@]}"; do
+  if [ -f "runs/${line%%$'\t'*}/final_eval.json" ]; then done_before=$((done_before + 1)); else todo+=("$line"); fi
+done
+stamp=$(date +%Y%m%d-%H%M%S)
+plan=runs/_batch/plan-$stamp.tsv
+
+sbatch_script() {  # the SLURM backend's job array: one task per line of $plan
+  echo "#!/bin/bash"
+  echo "#SBATCH --job-name=meanexp"
+  echo "#SBATCH --array=0-$((${#todo[@]} - 1))${throttle:+%$throttle}"
+  [ -z "$partition" ] || echo "#SBATCH --partition=$partition"
+  [ -z "$account" ] || echo "#SBATCH --account=$account"
+  echo "#SBATCH --time=$time_limit"
+  [ "$gpus_per_task" = 0 ] || echo "#SBATCH --gres=gpu:$gpus_per_task"
+  echo "#SBATCH --cpus-per-task=$cpus_per_task"
+  echo "#SBATCH --mem=$mem"
+  echo "#SBATCH --output=$PWD/runs/_batch/slurm/%A_%a.out"
+  echo "#SBATCH --open-mode=append"
+  echo "#SBATCH --requeue"
+  echo "#SBATCH --signal=B:USR1@$signal_lead"
+  echo "# USR1 comes $signal_lead s before the time limit: the run checkpoints, exits $EXIT_REQUEUE and the task requeues itself"
+  echo "export OMP_NUM_THREADS=\${OMP_NUM_THREADS:-\$SLURM_CPUS_PER_TASK}  # PyTorch's CPU threads: this task's CPUs"
+  echo "cd $(printf '%q' "$PWD")"
+  echo "exec $(printf '%q' "$SELF") --run-one $(printf '%q' "$PWD/$plan") \"\$SLURM_ARRAY_TASK_ID\""
+}
+
 if [ "$dry_run" = 1 ]; then
   py=$(python_cmd)
   for line in "${plan_lines[@]}"; do
@@ -253,17 +285,14 @@ if [ "$dry_run" = 1 ]; then
     echo "$py $HERE/$script $flags"
   done
   echo "# ${#plan_lines[@]} runs: ${#game_list[@]} games x ${#algo_list[@]} algorithms x ${#k_list[@]} k values x ${#seed_list[@]} seeds" >&2
+  if [ "$backend" = slurm ] && [ ${#todo[@]} -gt 0 ]; then
+    echo "# the sbatch script for the ${#todo[@]} runs not finished yet (not written, not submitted):" >&2
+    sbatch_script >&2
+  fi
   exit 0
 fi
 
-stamp=$(date +%Y%m%d-%H%M%S)
 mkdir -p runs/_batch/logs
-todo=()  # plan lines of the runs not finished yet
-done_before=0
-for line in "${plan_lines[@]}"; do
-  if [ -f "runs/${line%%$'\t'*}/final_eval.json" ]; then done_before=$((done_before + 1)); else todo+=("$line"); fi
-done
-plan=runs/_batch/plan-$stamp.tsv
 printf '%s\n' "${todo[@]+"${todo[@]}"}" >"$plan"
 log "${#plan_lines[@]} runs planned: $done_before already finished (skipped), ${#todo[@]} to run; plan in $plan"
 [ ${#todo[@]} -gt 0 ] || exit 0
@@ -275,25 +304,7 @@ log "${#plan_lines[@]} runs planned: $done_before already finished (skipped), ${
 if [ "$backend" = slurm ]; then
   batch=runs/_batch/slurm-$stamp.sbatch
   mkdir -p runs/_batch/slurm
-  {
-    echo "#!/bin/bash"
-    echo "#SBATCH --job-name=meanexp"
-    echo "#SBATCH --array=0-$((${#todo[@]} - 1))${throttle:+%$throttle}"
-    [ -z "$partition" ] || echo "#SBATCH --partition=$partition"
-    [ -z "$account" ] || echo "#SBATCH --account=$account"
-    echo "#SBATCH --time=$time_limit"
-    [ "$gpus_per_task" = 0 ] || echo "#SBATCH --gres=gpu:$gpus_per_task"
-    echo "#SBATCH --cpus-per-task=$cpus_per_task"
-    echo "#SBATCH --mem=$mem"
-    echo "#SBATCH --output=$PWD/runs/_batch/slurm/%A_%a.out"
-    echo "#SBATCH --open-mode=append"
-    echo "#SBATCH --requeue"
-    echo "#SBATCH --signal=B:USR1@$signal_lead"
-    echo "# USR1 comes $signal_lead s before the time limit: the run checkpoints, exits $EXIT_REQUEUE and the task requeues itself"
-    echo "export OMP_NUM_THREADS=\${OMP_NUM_THREADS:-\$SLURM_CPUS_PER_TASK}  # PyTorch's CPU threads: this task's CPUs"
-    echo "cd $(printf '%q' "$PWD")"
-    echo "exec $(printf '%q' "$SELF") --run-one $(printf '%q' "$PWD/$plan") \"\$SLURM_ARRAY_TASK_ID\""
-  } >"$batch"
+  sbatch_script >"$batch"
   log "sbatch script: $batch"
   job=$(sbatch --parsable "$batch") || die "sbatch refused $batch (its message is above)"
   log "submitted job array $job (${#todo[@]} tasks); watch it with: squeue -j ${job%%;*}"
@@ -317,10 +328,10 @@ for ((s = ${#slots[@]}; s < parallel; s++)); do slots+=("${slots[$((s % ${#slots
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / parallel > 0 ? $(nproc) / parallel : 1 ))}
 log "local: at most $parallel at a time, on ${gpus/none/CPU}, $OMP_NUM_THREADS CPU threads each; logs in runs/_batch/logs/NAME.log"
 
-declare -A slot_of=() name_of=()  # running: pid -> slot, pid -> run name
+declare -A slot_of=() name_of=() command_of=()  # running: pid -> slot, run name, command
 free=()
 for ((s = 0; s < parallel; s++)); do free+=("$s"); done
-finished=() failed=() stopped=()
+finished=() failed=() failed_commands=() stopped=()
 interrupted=0
 
 stop_all() {  # a trap: it runs inside collect(), so its variable must be local not to overwrite collect's
@@ -336,13 +347,15 @@ collect() {  # waits for one run to end and records how it ended
   wait -n -p pid "${!name_of[@]}" || code=$?
   [ -n "${pid:-}" ] || return 0  # interrupted by a signal: nothing ended
   local name=${name_of[$pid]}
+  [ "$code" = 0 ] || [ "$code" = "$EXIT_REQUEUE" ] || failed_commands+=("${command_of[$pid]}")
   case $code in
     0) finished+=("$name") ;;
     "$EXIT_REQUEUE") stopped+=("$name") ;;
+    "$EXIT_NON_FINITE") failed+=("$name (exit code $code, diverged): runs/_batch/logs/$name.log") ;;
     *) failed+=("$name (exit code $code): runs/_batch/logs/$name.log") ;;
   esac
   free+=("${slot_of[$pid]}")
-  unset "name_of[$pid]" "slot_of[$pid]"
+  unset "name_of[$pid]" "slot_of[$pid]" "command_of[$pid]"
 }
 
 for i in "${!todo[@]}"; do
@@ -361,14 +374,17 @@ for i in "${!todo[@]}"; do
   fi
   slot_of[$!]=$slot
   name_of[$!]=$name
+  IFS=$'\t' read -r _ script flags <<<"${todo[$i]}"
+  command_of[$!]="$(python_cmd) $HERE/$script $flags"  # as first launched; its log's 'start' line shows any --resume
   log "started $name on ${gpu:-CPU} (log: runs/_batch/logs/$name.log)"
 done
 while [ ${#name_of[@]} -gt 0 ]; do collect; done
 
-log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, ${#failed[@]} failed, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - ${#failed[@]} )) not started"
-for f in "${failed[@]+"${failed[@]}"}"; do log "failed: $f"; done
-[ ${#failed[@]} -eq 0 ] || log "the failed runs' commands are the 'start' lines of their logs; run this command again to retry them"
+n_failed=${#failed[@]}
+log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, $n_failed failed, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - n_failed )) not started"
+for ((f = 0; f < n_failed; f++)); do log "failed: ${failed[$f]}"; log "  command: ${failed_commands[$f]}"; done
+[ "$n_failed" = 0 ] || log "run this command again to retry the failed runs (each resumes from its last checkpoint: read its log first)"
 [ ${#stopped[@]} -eq 0 ] || log "stopped runs resume from their checkpoints when this command runs again"
 if [ "$interrupted" = 1 ]; then exit 130; fi
-[ ${#failed[@]} -eq 0 ] || exit 1
+[ "$n_failed" = 0 ] || exit 1
 exit 0

@@ -86,7 +86,23 @@ def test_dry_run_options_and_extra_flags(tmp_path):
     assert "ms_pacman__iqn__k1.5__s4" in {f["--run-name"] for _, f in runs}
     assert not (tmp_path / "runs").exists()
     v4 = planned(run_all(tmp_path, "--dry-run", "--v4", "--games", "breakout", "--algos", "dqn", "--seeds", "1", "--k", "0").stdout)
-    assert [f["--env-id"] for _, f in v4] == ["BreakoutNoFrameskip-v4"]
+    assert [(f["--env-id"], f["--run-name"]) for _, f in v4] == [("BreakoutNoFrameskip-v4", "breakout__dqn__k0__s1__v4")]
+
+
+def test_slurm_dry_run_prints_the_sbatch_script_and_writes_nothing(tmp_path):
+    finished = tmp_path / "runs" / "pong__dqn__k0__s1"  # a finished run gets no array task
+    finished.mkdir(parents=True)
+    (finished / "final_eval.json").write_text("{}")
+    proc = run_all(tmp_path, "--dry-run", "--backend", "slurm", "--games", "pong", "--seeds", "1", "--throttle", "2",
+                   "--partition", "gpu", "--account", "acme", "--time", "2-00:00:00", "--gpus-per-task", "1",
+                   env={"PATH": "/usr/bin:/bin"})  # no sbatch needed to see what would be submitted
+    assert len(planned(proc.stdout)) == 4
+    script = proc.stderr[proc.stderr.index("#!/bin/bash"):]
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --account=acme", "#SBATCH --time=2-00:00:00",
+                 "#SBATCH --gres=gpu:1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):
+        assert line + "\n" in script, line
+    assert "3 runs not finished yet (not written, not submitted)" in proc.stderr and "--run-one" in script
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pong__dqn__k0__s1"]  # nothing written
 
 
 # ---------------------------------------------------------------------------
@@ -199,6 +215,10 @@ def test_failed_runs_are_listed_with_their_logs(tmp_path):
     assert "0 finished now, 0 stopped with a checkpoint, 2 failed" in proc.stdout
     for s in (1, 2):
         assert f"failed: pong__dqn__k0__s{s} (exit code 2): runs/_batch/logs/pong__dqn__k0__s{s}.log" in proc.stdout
+        command = re.search(rf"failed: pong__dqn__k0__s{s} .*\nrun_all\.sh:   command: (.*)", proc.stdout).group(1).split()
+        assert command[:2] == [sys.executable, os.path.join(ROOT, "dqn_atari_meanexp.py")]
+        assert command[command.index("--seed") + 1] == str(s) and command[-4:] == ["--buffer-size", "100000000", "--run-name",
+                                                                                  f"pong__dqn__k0__s{s}"]
         assert "--buffer-size 100000000 needs" in (tmp_path / f"runs/_batch/logs/pong__dqn__k0__s{s}.log").read_text()
 
 
