@@ -208,6 +208,9 @@ def aggregate_rows(variants: dict, game_scores: dict, args: Args):
             continue
         base_matrix, base_games = matrices[baseline]
         common = [g for g in games if g in base_games]  # the probability compares the two on the same games
+        if not common:
+            notes[variant].append(f"no game finished by both it and {label(baseline)}: no probability of improvement")
+            continue
         x = matrix[:, [games.index(g) for g in common]]
         y = base_matrix[:, [base_games.index(g) for g in common]]
         point, interval = rly.get_interval_estimates({"x": [x, y]}, metrics.probability_of_improvement, reps=args.reps,
@@ -251,19 +254,19 @@ def eval_points(run: Run, tag: str) -> dict:
 
 def aggregate_curve(runs: list, game_scores: dict, args: Args):
     """IQM of human-normalized evaluation scores vs steps with 95% CIs, over the steps every run used has reached.
-    Returns (steps, iqm, low, high, a sentence on what the curve rests on) or None."""
+    Returns ((steps, iqm, low, high, a sentence on what the curve rests on) or None, what was left out as sentences)."""
     by_game = collections.defaultdict(dict)
     for run in runs:
         points = eval_points(run, "eval/episodic_return")
         if points:
             by_game[run.game][run.seed] = points
-    games, chosen, _ = rectangular(by_game)
+    games, chosen, notes = rectangular(by_game)
     if not games:
-        return None
+        return None, notes + ["no evaluation point in any run: no curve"]
     used = [by_game[g][s] for g in games for s in chosen[g]]
     common = sorted(set.intersection(*(set(p) for p in used)))
     if not common:
-        return None
+        return None, notes + ["its runs share no evaluation step (different --eval-interval?): no curve"]
     steps = [common[int(i)] for i in np.unique(np.linspace(0, len(common) - 1, args.curve_points).round())]
     iqm, low, high = [], [], []
     for step in steps:
@@ -274,7 +277,7 @@ def aggregate_curve(runs: list, game_scores: dict, args: Args):
         low.append(float(interval["x"][0, 0]))
         high.append(float(interval["x"][1, 0]))
     note = f"{len(games)} games x {len(chosen[games[0]])} seeds, up to step {steps[-1]:,}, the last every run used has reached"
-    return np.array(steps), np.array(iqm), np.array(low), np.array(high), note
+    return (np.array(steps), np.array(iqm), np.array(low), np.array(high), note), notes
 
 
 def binned(steps, values, edges):
@@ -427,7 +430,7 @@ def markdown_table(rows: list, columns: list) -> str:
     return "\n".join(lines)
 
 
-def missing_data(variants: dict, all_games: list, aggregate_notes: dict, problems: list) -> list:
+def missing_data(variants: dict, all_games: list, aggregate_notes: dict, curve_notes: dict, problems: list) -> list:
     """Every gap, as one sentence each: games and seeds not run, runs not finished, data left out."""
     seeds = sorted({r.seed for runs in variants.values() for r in runs})
     lines = []
@@ -447,8 +450,23 @@ def missing_data(variants: dict, all_games: list, aggregate_notes: dict, problem
                 lines.append(f"{name}, {run.game}, seed {run.seed}: unfinished (no final_eval.json; last logged step "
                              f"{run.last_step:,}): in the curves, not in the final scores ({run.path})")
         lines += [f"{name}, final-score aggregate: {note}" for note in aggregate_notes.get(variant, [])]
+        lines += [f"{name}, IQM curve: {note}" for note in curve_notes.get(variant, [])]
     lines += [f"not read: {p}" for p in problems]
     return lines
+
+
+def drop_duplicates(runs: list):
+    """One run per (algo, k, game, seed): the one that got furthest. Returns (runs kept, the others as sentences)."""
+    groups = collections.defaultdict(list)
+    for run in runs:
+        groups[(*run.variant, run.game, run.seed)].append(run)
+    kept, notes = [], []
+    for group in groups.values():
+        group.sort(key=lambda r: (r.final is not None, r.last_step, r.path), reverse=True)
+        kept.append(group[0])
+        notes += [f"{other.path}: left out, the same algo, k, game and seed as {group[0].path}, which got further "
+                  "(runs of different protocols belong in different --runs-dir folders)" for other in group[1:]]
+    return sorted(kept, key=lambda r: r.path), notes
 
 
 def write_csv(path: str, rows: list, columns: list):
@@ -482,6 +500,8 @@ def main(args: Args):
     if not runs:
         fail(f"no run found under {args.runs_dir!r} (a run is a directory with the config.json the scripts write)"
              + (": " + "; ".join(problems) if problems else ""))
+    runs, duplicates = drop_duplicates(runs)
+    problems += duplicates
     os.makedirs(args.out_dir, exist_ok=True)
     variants = collections.defaultdict(list)
     for run in runs:
@@ -495,7 +515,11 @@ def main(args: Args):
     write_csv(os.path.join(args.out_dir, "aggregate.csv"), aggregates, aggregate_columns)
 
     figures = []  # (file, caption)
-    curves = {v: c for v, c in ((v, aggregate_curve(r, game_scores, args)) for v, r in variants.items()) if c is not None}
+    curves, curve_notes = {}, {}
+    for variant, variant_runs in variants.items():
+        curve, curve_notes[variant] = aggregate_curve(variant_runs, game_scores, args)
+        if curve is not None:
+            curves[variant] = curve
     if curves:
         plot_aggregate(curves, os.path.join(args.out_dir, "aggregate_iqm.png"))
         figures.append(("aggregate_iqm.png", "IQM human-normalized evaluation score vs agent steps, 95% stratified bootstrap CI. "
@@ -520,7 +544,7 @@ def main(args: Args):
             figures.append((name, f"Per game, {label(variant)} against {variant[0].upper()} k=0 on the final evaluation "
                             f"({len(changes)} games with both)."))
 
-    missing = missing_data(variants, sorted(game_scores), aggregate_notes, problems)
+    missing = missing_data(variants, sorted(game_scores), aggregate_notes, curve_notes, problems)
     summary = [dict(algo=v[0], me_coef=v[1], games=len({r.game for r in rs}), seeds=" ".join(map(str, sorted({r.seed for r in rs}))),
                     finished=sum(r.final is not None for r in rs), unfinished=sum(r.final is None for r in rs))
                for v, rs in sorted(variants.items())]

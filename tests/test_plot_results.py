@@ -147,6 +147,9 @@ def test_partial_results_are_used_and_every_gap_is_named(demo, tmp_path):
     os.remove(runs / "qbert__dqn__kdefault__s3" / "final_eval.json")  # a run still going
     (runs / "broken").mkdir()
     (runs / "broken" / "config.json").write_text("{ not json")
+    stale = runs / "_batch" / "stale" / "seaquest__dqn__k0__s1.20261124-101010"  # an earlier, unfinished try of a run
+    shutil.copytree(runs / "seaquest__dqn__k0__s1", stale)
+    os.remove(stale / "final_eval.json")
     proc = plot(runs, tmp_path / "out")
     report = (tmp_path / "out" / "report.md").read_text()
     assert "DQN k=0: no run at all for 50 of 57 games: " in report and "pong" in report.split("DQN k=0: no run at all")[1]
@@ -155,6 +158,8 @@ def test_partial_results_are_used_and_every_gap_is_named(demo, tmp_path):
     assert "DQN k=|A|, qbert, seed 3: unfinished (no final_eval.json" in report and "in the curves, not in the final scores" in report
     assert "DQN k=|A|, final-score aggregate: qbert: only 2 of 3 seeds, left out" in report
     assert f"not read: {runs / 'broken'}: not a readable run" in report
+    assert f"not read: {stale}: left out, the same algo, k, game and seed as {runs / 'seaquest__dqn__k0__s1'}" in report
+    assert "IQN k=|A|, IQM curve: breakout: only 2 of 3 seeds, left out" in report
     rows = read_csv(tmp_path / "out" / "aggregate.csv")
     assert aggregate(rows, "dqn", "0", "iqm")[3]["games"] == "7"
     assert aggregate(rows, "iqn", "|A|", "iqm")[3]["games"] == "7"
@@ -162,7 +167,19 @@ def test_partial_results_are_used_and_every_gap_is_named(demo, tmp_path):
     per_game = read_csv(tmp_path / "out" / "per_game.csv")
     qbert = next(r for r in per_game if (r["algo"], r["me_coef"], r["game"]) == ("dqn", "|A|", "qbert"))
     assert qbert["seeds"] == "1 2"  # the finished seeds still count in the per-game table
+    seaquest = next(r for r in per_game if (r["algo"], r["me_coef"], r["game"]) == ("dqn", "0", "seaquest"))
+    assert seaquest["seeds"] == "1 2 3"  # the stale copy of seed 1 is not counted twice
     assert proc.stdout.startswith("92 runs in 4 variants")
+
+
+def test_variants_with_no_game_in_common_get_no_probability_of_improvement(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "a", "dqn", "ALE/Breakout-v5", 1, me_coef=0, final_mean=10.0, eval_returns=curve(10.0))
+    write_run(runs, "b", "dqn", "ALE/Pong-v5", 1, final_mean=0.0, eval_returns=curve(0.0))
+    plot(runs, tmp_path / "out")
+    assert "probability_of_improvement" not in (tmp_path / "out" / "aggregate.csv").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "DQN k=|A|, final-score aggregate: no game finished by both it and DQN k=0: no probability of improvement" in report
 
 
 @pytest.mark.parametrize("runs_dir,args,message", [
