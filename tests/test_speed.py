@@ -1,0 +1,83 @@
+"""Speed never changes what is learned: the fast paths give the plain path's losses; the benchmark runs."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dqn_atari_meanexp as dqn
+import iqn_atari_meanexp as iqn
+from conftest import ROOT
+
+
+def batches(script, count, seed=0):
+    """Replay batches of random frames, as update() gets them."""
+    rb = script.ReplayBuffer(2_000, 1, torch.device("cpu"), seed=seed)
+    rng = np.random.default_rng(seed)
+    for i in range(1_000):
+        rb.add(rng.integers(0, 256, (1, 84, 84), dtype=np.uint8), np.array([i % 200 == 0]), rng.integers(18, size=1),
+               rng.integers(-1, 2, size=1), np.array([i % 200 == 199]), np.zeros(1, bool))
+    return [rb.sample(32) for _ in range(count)]
+
+
+def losses(script, args, data, fast_optimizer, compiled):
+    torch.manual_seed(0)
+    network = script.make_network(args, 18, 18.0)
+    target = copy.deepcopy(network)
+    if fast_optimizer:
+        optimizer = script.make_optimizer(args, network)
+    else:  # plain PyTorch: Adam's loop over the parameters
+        optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    assert bool(optimizer.defaults["fused"]) == fast_optimizer
+    if compiled:
+        network.compile(dynamic=False)
+        target.compile(dynamic=False)
+    out = []
+    for i, batch in enumerate(data):
+        torch.manual_seed(100 + i)  # IQN samples its quantile levels: the same ones on both paths
+        out.append(script.update(network, target, optimizer, batch, args)[0].item())
+    return np.array(out), network.state_dict()
+
+
+@pytest.mark.parametrize("script", [dqn, iqn], ids=["dqn", "iqn"])
+def test_fused_adam_and_compile_give_the_plain_losses(script):
+    args = script.Args(learning_rate=1e-3)  # large steps, so that any difference would grow
+    if script is iqn:
+        args = script.Args(learning_rate=1e-3, num_tau_samples=8, num_tau_prime_samples=8, num_quantile_samples=8)
+    data = batches(script, 12)
+    plain, plain_weights = losses(script, args, data, fast_optimizer=False, compiled=False)
+    fused, fused_weights = losses(script, args, data, fast_optimizer=True, compiled=False)
+    fast, _ = losses(script, args, data, fast_optimizer=True, compiled=True)
+    assert plain[-1] < plain[0]  # it learns: the comparison is not between constants
+    # fused Adam: the same arithmetic in another order, equal to float rounding
+    np.testing.assert_allclose(fused, plain, rtol=1e-5)
+    for name in plain_weights:
+        torch.testing.assert_close(fused_weights[name], plain_weights[name], rtol=1e-5, atol=1e-6)
+    # torch.compile fuses kernels and reorders sums: equal within 1e-4 over 12 updates
+    np.testing.assert_allclose(fast, plain, rtol=1e-4)
+
+
+def test_quick_benchmark_runs_in_under_a_minute(tmp_path):
+    out = tmp_path / "bench.json"
+    start = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--no-cuda", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+    result = json.loads(out.read_text())
+    assert [(r["algo"], r["num_envs"]) for r in result["rows"]] == [("dqn", 1), ("iqn", 1)]
+    for row in result["rows"]:
+        assert row["updates_per_step"] == 0.25  # the paper's replay ratio: one update every 4 agent steps
+        assert row["replay_bytes_per_transition"] == 7065
+        assert row["env_sps"] > row["train_sps"] > 0 and row["update_ms"] > row["sample_ms"] > 0
+        assert 0.5 < row["share_of_allowed"] < 1.5  # the loop's rate is what its measured parts allow, give or take noise
+        assert row["peak_rss_bytes"] > 100e6
+        assert f"{row['algo']} x1: env-only" in proc.stdout
+    assert result["machine"]["device"] == "cpu"
