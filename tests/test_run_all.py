@@ -242,15 +242,24 @@ def slurm(tmp_path_factory):
             pytest.fail(f"REQUIRE_SLURM_TEST is set but {why}")
         pytest.skip(why)
     state = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["bash", SLURM_SCRIPT, "start", str(state)], check=True, timeout=600)
-    yield state
-    subprocess.run(["bash", SLURM_SCRIPT, "stop", str(state)], check=True, timeout=60)
+    try:
+        subprocess.run(["bash", SLURM_SCRIPT, "start", str(state)], check=True, timeout=600)
+        yield state
+    finally:  # also when start-up failed halfway: the daemons it did start are stopped
+        subprocess.run(["bash", SLURM_SCRIPT, "stop", str(state)], check=True, timeout=60)
 
 
-def wait_for(job, done, timeout=400):
-    """Until done() and the job array has left the queue (a requeued task may be out of it for a moment)."""
-    deadline = time.time() + timeout
-    while not done() or subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+def wait_for(job, done, timeout=400, grace=30):
+    """Until done() and the job array has left the queue. A requeued task may be out of the queue for a moment;
+    out of it for grace seconds with done() still false, the job has ended without doing its work: fail now."""
+    deadline, left_at = time.time() + timeout, None
+    while True:
+        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+        finished = done()
+        if finished and not queued:
+            return
+        left_at = None if queued else (left_at or time.time())
+        assert left_at is None or time.time() - left_at < grace, f"job {job} left the queue without finishing its runs"
         assert time.time() < deadline, subprocess.run(["squeue", "-j", job], capture_output=True, text=True).stdout
         time.sleep(0.5)
 
