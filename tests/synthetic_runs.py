@@ -2,7 +2,8 @@
 
     python tests/synthetic_runs.py DIR   # a demo batch in DIR/runs: 8 games x DQN/IQN x k in {0, |A|} x 3 seeds
 
-The demo feeds README's example figures: python plot_results.py --runs-dir DIR/runs --out-dir docs/example
+The demo feeds README's example figures: python plot_results.py --runs-dir DIR/runs --out-dir DIR/results, then
+docs/example_aggregate_iqm.png and docs/example_action_gap.png are copies of DIR/results/aggregate_iqm.png and action_gap.png
 """
 
 import json
