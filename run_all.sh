@@ -346,13 +346,13 @@ collect() {  # waits for one run to end and records how it ended
   local pid code=0
   wait -n -p pid "${!name_of[@]}" || code=$?
   [ -n "${pid:-}" ] || return 0  # interrupted by a signal: nothing ended
-  local name=${name_of[$pid]}
-  [ "$code" = 0 ] || [ "$code" = "$EXIT_REQUEUE" ] || failed_commands+=("${command_of[$pid]}")
+  local name=${name_of[$pid]} why=""
+  [ "$code" != "$EXIT_NON_FINITE" ] || why=", diverged"
   case $code in
     0) finished+=("$name") ;;
     "$EXIT_REQUEUE") stopped+=("$name") ;;
-    "$EXIT_NON_FINITE") failed+=("$name (exit code $code, diverged): runs/_batch/logs/$name.log") ;;
-    *) failed+=("$name (exit code $code): runs/_batch/logs/$name.log") ;;
+    *) failed+=("$name (exit code $code$why): runs/_batch/logs/$name.log")
+       failed_commands+=("${command_of[$pid]}") ;;
   esac
   free+=("${slot_of[$pid]}")
   unset "name_of[$pid]" "slot_of[$pid]" "command_of[$pid]"
@@ -380,11 +380,10 @@ for i in "${!todo[@]}"; do
 done
 while [ ${#name_of[@]} -gt 0 ]; do collect; done
 
-n_failed=${#failed[@]}
-log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, $n_failed failed, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - n_failed )) not started"
-for ((f = 0; f < n_failed; f++)); do log "failed: ${failed[$f]}"; log "  command: ${failed_commands[$f]}"; done
-[ "$n_failed" = 0 ] || log "run this command again to retry the failed runs (each resumes from its last checkpoint: read its log first)"
+log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, ${#failed[@]} failed, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - ${#failed[@]} )) not started"
+for f in "${!failed[@]}"; do log "failed: ${failed[$f]}"; log "  command: ${failed_commands[$f]}"; done
+[ ${#failed[@]} -eq 0 ] || log "run this command again to retry the failed runs (each resumes from its last checkpoint: read its log first)"
 [ ${#stopped[@]} -eq 0 ] || log "stopped runs resume from their checkpoints when this command runs again"
 if [ "$interrupted" = 1 ]; then exit 130; fi
-[ "$n_failed" = 0 ] || exit 1
+[ ${#failed[@]} -eq 0 ] || exit 1
 exit 0
