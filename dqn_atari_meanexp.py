@@ -11,7 +11,8 @@ across Actions", Nagarajan et al., ICML 2026) turns the network's raw output u i
 so every TD update on one action also moves the value shared by all actions of that
 state. It is the function `mean_expansion` below and the last line of
 `QNetwork.forward`; everything else is DQN as the paper's authors ran it (defaults
-= their protocol, see README.md).
+= their protocol, see README.md). The paper's other rows are flags: --optimizer rmsprop
+--loss huber (the Nature DQN's), --network dueling, --network rdq --loss mse.
 
 Layout: Args -> environment -> mean-expansion head and network -> replay buffer ->
 loss and update -> evaluation -> logging -> training loop.
@@ -30,7 +31,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import ale_py
 import gymnasium as gym
@@ -60,7 +61,7 @@ class Args:
     run_name: Optional[str] = None
     """the run directory under runs/; default {env}__{exp_name}__k{k}__{seed}__{unix time}"""
     seed: int = 1
-    """seed of the experiment (training envs use seed..seed+N-1, the evaluation env seed+10000)"""
+    """seed of the experiment (training envs use seed..seed+N-1, the evaluation env 2^31 - 1 - seed, as the authors')"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -84,8 +85,8 @@ class Args:
     """if toggled, a lost life ends the training episode (evaluation always plays whole games)"""
     fire_reset: bool = False
     """if toggled, press FIRE after each reset in games that need it"""
-    noop_max: int = 30
-    """at most this many no-op frames at the start of each episode (0 disables)"""
+    noop_max: int = 0
+    """at most this many no-op frames at the start of each episode (0: none, as in the authors' code; DQN papers often use 30)"""
     frame_skip: int = 4
     """emulator frames per agent step (the action repeats, the observation is the max of the last two frames)"""
     max_episode_steps: int = 27_000
@@ -93,13 +94,22 @@ class Args:
 
     # Algorithm
     me_coef: Optional[float] = None
-    """the mean-expansion coefficient k; default the number of actions |A|; 0 is plain DQN"""
+    """the mean-expansion coefficient k; default |A| with --network nature, 0 with dueling and rdq; 0 is plain DQN"""
+    network: Literal["nature", "dueling", "rdq"] = "nature"
+    """nature (Nature CNN), dueling (Q = V + A - mean A) or rdq (regularized dueling: Q = V + A, penalty on V and A);
+    the paper ran dueling and rdq with k = 0 only (an explicit k > 0 applies the layer to their Q)"""
+    loss: Literal["sse", "mse", "huber"] = "sse"
+    """TD loss on the batch: sse (sum of delta^2 / 2, the paper's), mse (mean of delta^2 / 2), huber (sum of Huber(delta))"""
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    """adam, or rmsprop (the Nature DQN's: centered, squared-gradient decay 0.95, eps inside the square root)"""
+    rdq_penalty: float = 1e-3
+    """beta, the weight of RDQ's penalty on V and A (--network rdq only)"""
     total_timesteps: int = 50_000_000
     """total agent steps (summed over all envs)"""
-    learning_rate: float = 6.25e-5
-    """the learning rate of the Adam optimizer"""
-    adam_eps: float = 1.5e-4
-    """the epsilon of the Adam optimizer"""
+    learning_rate: Optional[float] = None
+    """the optimizer's learning rate; default the paper's: Adam 6.25e-5, RMSprop 2.5e-4"""
+    optimizer_eps: Optional[float] = None
+    """the optimizer's epsilon; default the paper's: Adam 1.5e-4, RMSprop 0.01 (inside the square root)"""
     num_envs: int = 1
     """the number of parallel game environments"""
     buffer_size: int = 1_000_000
@@ -143,8 +153,24 @@ class Args:
     resume: Optional[str] = None
     """a run directory to continue from its checkpoint, with the run's own settings (only a few flags may change)"""
 
+    def __post_init__(self):  # the learning rate and eps not given are the paper's for the chosen optimizer
+        learning_rate, eps = PAPER_OPTIMIZER_SETTINGS[self.optimizer]
+        self.learning_rate = learning_rate if self.learning_rate is None else self.learning_rate
+        self.optimizer_eps = eps if self.optimizer_eps is None else self.optimizer_eps
 
-POSITIVE_ALGO_FLAGS = ()  # settings of this algorithm alone that must be > 0 (DQN has none)
+
+PAPER_OPTIMIZER_SETTINGS = {"adam": (6.25e-5, 1.5e-4), "rmsprop": (2.5e-4, 0.01)}  # (learning rate, eps)
+FIXED_SETTINGS = {}  # what config.json records of the algorithm besides the flags (DQN: all are flags)
+
+
+def algo_errors(args: Args) -> list:
+    """The checks of this algorithm's own flags (check_args below does the rest)."""
+    errors = []
+    if not args.rdq_penalty >= 0:
+        errors.append(f"--rdq-penalty must be >= 0 (got {args.rdq_penalty})")
+    if args.network != "rdq" and args.rdq_penalty != Args.rdq_penalty:
+        errors.append(f"--rdq-penalty applies to --network rdq only (this run's network is {args.network})")
+    return errors
 
 
 # ---------------------------------------------------------------------------
@@ -162,8 +188,8 @@ def check_args(args: Args) -> list:
     elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
         errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
-                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "adam_eps",
-                "progress_interval", *POSITIVE_ALGO_FLAGS]
+                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "optimizer_eps",
+                "progress_interval"]
     non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
     probabilities = ["start_e", "end_e", "eval_epsilon"]
     for name in positive:
@@ -180,7 +206,7 @@ def check_args(args: Args) -> list:
     if not 0.0 < args.gamma <= 1.0:
         errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
     if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
-        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}, the default is |A|")
+        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}")
     if args.batch_size > args.learning_starts:
         errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
                       "the first update would sample more transitions than the buffer holds")
@@ -193,7 +219,7 @@ def check_args(args: Args) -> list:
         errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         errors.append("--capture-video needs moviepy: pip install moviepy")
-    return errors
+    return errors + algo_errors(args)
 
 
 RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "progress_interval", "cuda", "save_model",
@@ -369,6 +395,21 @@ def mean_expansion(values: torch.Tensor, coef: float) -> torch.Tensor:
     return values + coef * values.mean(dim=-1, keepdim=True)
 
 
+def pfrl_init(layer: nn.Module, bias: float) -> nn.Module:
+    """PFRL's initialization, which the authors' DQN networks use: LeCun-normal weights (std 1/sqrt(fan_in)), constant bias."""
+    nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)  # weight[0]: the inputs of one output unit
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def nature_convolutions(bias: float) -> list:
+    """The Nature DQN's torso: (batch, 4, 84, 84) frames in [0, 1] -> (batch, 3136) features."""
+    return [pfrl_init(nn.Conv2d(4, 32, 8, stride=4), bias), nn.ReLU(),
+            pfrl_init(nn.Conv2d(32, 64, 4, stride=2), bias), nn.ReLU(),
+            pfrl_init(nn.Conv2d(64, 64, 3, stride=1), bias), nn.ReLU(),
+            nn.Flatten()]
+
+
 class QNetwork(nn.Module):
     """Nature CNN -> Linear(512, |A|) raw values u -> mean-expansion -> Q."""
 
@@ -376,16 +417,10 @@ class QNetwork(nn.Module):
         super().__init__()
         self.me_coef = me_coef
         self.network = nn.Sequential(
-            nn.Conv2d(4, 32, 8, stride=4),
+            *nature_convolutions(bias=0.1),
+            pfrl_init(nn.Linear(3136, 512), bias=0.1),
             nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(3136, 512),
-            nn.ReLU(),
-            nn.Linear(512, n_actions),
+            pfrl_init(nn.Linear(512, n_actions), bias=0.0),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -397,9 +432,44 @@ class QNetwork(nn.Module):
         return self(x)
 
 
+class DuelingNetwork(nn.Module):
+    """The paper's baselines. Dueling DQN (Wang et al. 2016): Q = V + A - mean_b A(b). RDQ (regularized=True;
+    Daley et al.): Q = V + A, and the loss penalizes V and A instead (td_loss). Nature convolutions (bias 0.03),
+    then two streams of Linear(3136, 512) + ReLU -> Linear(512, 1) for V and Linear(512, |A|) for A."""
+
+    def __init__(self, n_actions: int, me_coef: float, regularized: bool):
+        super().__init__()
+        self.me_coef, self.regularized = me_coef, regularized
+        self.torso = nn.Sequential(*nature_convolutions(bias=0.03))
+        self.value = nn.Sequential(pfrl_init(nn.Linear(3136, 512), 0.0), nn.ReLU(), pfrl_init(nn.Linear(512, 1), 0.0))
+        self.advantage = nn.Sequential(pfrl_init(nn.Linear(3136, 512), 0.0), nn.ReLU(), pfrl_init(nn.Linear(512, n_actions), 0.0))
+
+    def streams(self, x: torch.Tensor) -> tuple:
+        """V (batch, 1) and A (batch, |A|) of uint8 frames (batch, 4, 84, 84)."""
+        h = self.torso(x.float() / 255.0)
+        return self.value(h), self.advantage(h)
+
+    def combine(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        q = v + a if self.regularized else v + a - a.mean(dim=-1, keepdim=True)
+        return mean_expansion(q, self.me_coef)  # the identity at k = 0, the paper's setting for these baselines
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(*self.streams(x))
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
 def make_network(args: Args, n_actions: int, me_coef: float) -> nn.Module:
     """The one place the training loop learns which network class it trains."""
-    return QNetwork(n_actions, me_coef)
+    if args.network == "nature":
+        return QNetwork(n_actions, me_coef)
+    return DuelingNetwork(n_actions, me_coef, regularized=args.network == "rdq")
+
+
+def default_me_coef(args: Args, n_actions: int) -> float:
+    """k when --me-coef is not given: |A| for the paper's IB-DQN, 0 for its dueling and RDQ baselines."""
+    return float(n_actions if args.network == "nature" else 0)
 
 
 # ---------------------------------------------------------------------------
@@ -531,23 +601,37 @@ def action_gap(q: torch.Tensor) -> torch.Tensor:
     return (top2[..., 0] - top2[..., 1]).mean()
 
 
-def td_loss(q_network: nn.Module, target_network: nn.Module, batch: Batch, gamma: float):
-    """Squared TD error against r + gamma * max_a' Q_target(s', a'), averaged over the batch.
+def td_error_loss(q_taken: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The loss on the batch's TD errors delta = y - Q(s, a), as PFRL computes it (--loss)."""
+    if kind == "sse":  # the paper's: a sum, so its gradient is batch-size times mse's (which changes what Adam's eps means)
+        return F.mse_loss(q_taken, target, reduction="sum") / 2
+    if kind == "mse":
+        return F.mse_loss(q_taken, target) / 2
+    return F.smooth_l1_loss(q_taken, target, reduction="sum")  # huber: 0.5 delta^2 where |delta| <= 1, else |delta| - 0.5
+
+
+def td_loss(q_network: nn.Module, target_network: nn.Module, batch: Batch, args: Args):
+    """--loss of Q(s, a) against r + gamma * max_a' Q_target(s', a'), plus RDQ's penalty with --network rdq.
 
     Rewards are clipped to their sign; a truncated episode bootstraps, a terminated one does not.
     Returns (loss, Q(s, .) of the online network).
     """
     with torch.no_grad():
         next_q = target_network(batch.next_obs).max(dim=1).values
-        target = torch.sign(batch.rewards) + gamma * (1.0 - batch.terminated) * next_q
-    q = q_network(batch.obs)
+        target = torch.sign(batch.rewards) + args.gamma * (1.0 - batch.terminated) * next_q
+    if args.network == "rdq":  # RDQ: beta * mean over the batch of (V(s)^2 + sum_b A(s, b)^2) / 2, from the same pass as Q
+        v, a = q_network.streams(batch.obs)
+        q = q_network.combine(v, a)
+        penalty = args.rdq_penalty * (v.squeeze(1) ** 2 + (a**2).sum(dim=1)).mean() / 2
+    else:
+        q, penalty = q_network(batch.obs), 0.0
     q_taken = q.gather(1, batch.actions[:, None]).squeeze(1)
-    return F.mse_loss(q_taken, target), q
+    return td_error_loss(q_taken, target, args.loss) + penalty, q
 
 
 def update(q_network, target_network, optimizer, batch: Batch, args: Args):
     """One gradient step. Returns (loss, mean Q of the taken actions, action gap), all still on the device."""
-    loss, q = td_loss(q_network, target_network, batch, args.gamma)
+    loss, q = td_loss(q_network, target_network, batch, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -555,9 +639,38 @@ def update(q_network, target_network, optimizer, batch: Batch, args: Args):
     return loss.detach(), q.gather(1, batch.actions[:, None]).mean(), action_gap(q)
 
 
+class CenteredRMSprop(torch.optim.Optimizer):
+    """The Nature DQN's RMSprop (PFRL's RMSpropEpsInsideSqrt, centered, no momentum), per parameter:
+
+        m = alpha m + (1 - alpha) g;  s = alpha s + (1 - alpha) g^2;  theta -= lr g / sqrt(s - m^2 + eps)
+
+    torch.optim.RMSprop(centered=True) adds eps outside the square root: another optimizer.
+    """
+
+    def __init__(self, params, lr: float, eps: float, alpha: float = 0.95):
+        super().__init__(params, dict(lr=lr, eps=eps, alpha=alpha))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, eps, alpha = group["lr"], group["eps"], group["alpha"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # both averages start at 0, with no bias correction
+                    state["grad_avg"], state["square_avg"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, s = state["grad_avg"], state["square_avg"]
+                m.mul_(alpha).add_(p.grad, alpha=1 - alpha)
+                s.mul_(alpha).addcmul_(p.grad, p.grad, value=1 - alpha)
+                p.addcdiv_(p.grad, (s - m * m + eps).sqrt(), value=-lr)
+
+
 def make_optimizer(args: Args, network: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "rmsprop":
+        return CenteredRMSprop(network.parameters(), lr=args.learning_rate, eps=args.optimizer_eps)
     # fused: the same Adam, one kernel for all parameters instead of a loop over them (12x faster on CPU, benchmarks/)
-    return torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    return torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.optimizer_eps, fused=True)
 
 
 # ---------------------------------------------------------------------------
@@ -571,44 +684,69 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return start_e + (end_e - start_e) * min(t / duration, 1.0)
 
 
-def discounted_returns(rewards, gamma: float) -> np.ndarray:
-    """G_t = r_t + gamma * G_{t+1}, for every step of one episode."""
-    returns, g = np.zeros(len(rewards)), 0.0
+def discounted_returns(rewards, gamma: float, bootstrap: float = 0.0) -> np.ndarray:
+    """G_t = r_t + gamma * G_{t+1} for every step t of one episode, from G_T = bootstrap after its last step."""
+    returns, g = np.zeros(len(rewards)), bootstrap
     for t in range(len(rewards) - 1, -1, -1):
         g = rewards[t] + gamma * g
         returns[t] = g
     return returns
 
 
+def episode_statistics(q, rewards, gamma: float, bootstrap: float) -> dict:
+    """The authors' statistics of one evaluation episode (PAPER.md, "Metrics"): q[t] = Q(s_t, a_t) of the greedy
+    action, rewards sign-clipped, bootstrap = Q(s_T, greedy action) where the episode was cut, 0 where it ended."""
+    q, returns = np.asarray(q, dtype=np.float64), discounted_returns(rewards, gamma, bootstrap)
+    error = q - returns
+    return {"overestimation": error.mean(), "normalized_overestimation": error.mean() / abs(q.mean()), "mean_q": q.mean(),
+            "mean_return": returns.mean(),  # the bootstrapped G_t the overestimation is measured against, mean over steps
+            "mean_discounted_return": discounted_returns(rewards, gamma)[0]}  # G_0 without the bootstrap
+
+
 @torch.no_grad()
 def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=None, max_episodes=None) -> dict:
-    """Plays epsilon-greedy episodes until max_steps agent steps or max_episodes episodes.
+    """Plays until max_steps agent steps or max_episodes episodes; with probability epsilon a random action
+    replaces the greedy one.
 
-    Only whole episodes count (an episode cut by max_steps is dropped, unless none finished):
-    scores are raw game scores; overestimation is the mean over visited steps of predicted
-    Q(s_t, a_t) minus the realized discounted return from t on sign-clipped rewards.
+    Scores are the raw game scores of the finished episodes (of the unfinished one where none finished, as
+    PFRL does). The Q statistics of episode_statistics are averaged over the finished episodes (None where
+    none finished); `truncated_episodes` counts those a time limit cut.
     """
-    network.eval()
-    finished, episode = [], ([], [], [])  # an episode: predicted Q(s_t, a_t), sign-clipped rewards, raw rewards
-    obs, steps = env.reset()[0], 0
-    while not ((max_episodes is not None and len(finished) >= max_episodes) or (max_steps is not None and steps >= max_steps)):
-        # two estimates of Q(s, .) in one call: where Q is itself sampled (IQN's taus), recording the
-        # estimate that picked the action would bias the recorded Q upward (a winner's curse)
+
+    def greedy(obs):
+        """(the greedy action, its Q). Two estimates of Q(s, .) in one call: where Q is itself sampled (IQN's taus),
+        recording the estimate that picked the action would bias the recorded Q upward (a winner's curse)."""
         obs_t = torch.as_tensor(obs, device=device)
         q_act, q_record = network.q_values(obs_t[None].expand(2, *obs_t.shape)).cpu().numpy()
-        action = int(rng.integers(len(q_act))) if rng.random() < epsilon else int(q_act.argmax())
+        action = int(q_act.argmax())
+        return action, float(q_record[action])
+
+    network.eval()
+    finished, truncated_episodes = [], 0  # finished: (score, length, statistics) per episode
+    q, clipped, raw = [], [], []  # the current episode: Q(s_t, greedy a_t), sign-clipped and raw rewards
+    obs, steps = env.reset()[0], 0
+    while not ((max_episodes is not None and len(finished) >= max_episodes) or (max_steps is not None and steps >= max_steps)):
+        action, q_value = greedy(obs)  # Q is recorded for the greedy action, before epsilon may replace it
+        if rng.random() < epsilon:
+            action = int(rng.integers(env.action_space.n))
         obs, reward, terminated, truncated, _ = env.step(action)
         steps += 1
-        for values, value in zip(episode, (q_record[action], np.sign(reward), float(reward))):
-            values.append(value)
+        q.append(q_value)
+        clipped.append(np.sign(reward))
+        raw.append(float(reward))
         if terminated or truncated:
-            finished.append(episode)
-            episode, obs = ([], [], []), env.reset()[0]
+            bootstrap = 0.0 if terminated else greedy(obs)[1]  # a cut episode's return goes on beyond its last step
+            finished.append((sum(raw), len(raw), episode_statistics(q, clipped, gamma, bootstrap)))
+            truncated_episodes += int(not terminated)
+            q, clipped, raw = [], [], []
+            obs = env.reset()[0]
     network.train()
-    episodes = finished or [episode]  # the step budget ended inside the first episode: score what was played
-    errors = np.concatenate([np.asarray(q) - discounted_returns(r, gamma) for q, r, _ in episodes])
-    return {"scores": [sum(raw) for _, _, raw in episodes], "lengths": [len(r) for _, r, _ in episodes],
-            "overestimation": float(errors.mean()), "steps": steps}
+    scores, lengths = [s for s, _, _ in finished] or [sum(raw)], [n for _, n, _ in finished] or [len(raw)]
+    stats = {key: float(np.mean([e[key] for _, _, e in finished])) if finished else None for key in EVAL_STATISTICS}
+    return {"scores": scores, "lengths": lengths, "steps": steps, "truncated_episodes": truncated_episodes, **stats}
+
+
+EVAL_STATISTICS = ("overestimation", "normalized_overestimation", "mean_q", "mean_return", "mean_discounted_return")
 
 
 # ---------------------------------------------------------------------------
@@ -618,7 +756,7 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
 
 def effective_settings(args: Args, run_name: str, n_actions: int, me_coef: float, device: torch.device) -> dict:
     """Every setting the run used, including those derived from the env and the machine."""
-    settings = dataclasses.asdict(args)
+    settings = {**dataclasses.asdict(args), **FIXED_SETTINGS}  # loss, optimizer, network; learning rate and eps as used
     settings.update(
         algo=ALGO,
         run_name=run_name,
@@ -709,7 +847,7 @@ def main(args: Args):
     probe = make_env(args, args.seed)()  # one env to learn |A| before anything large is allocated
     n_actions = int(probe.action_space.n)
     probe.close()
-    me_coef = float(n_actions if args.me_coef is None else args.me_coef)
+    me_coef = default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)
     replay_bytes, free_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
     print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
           f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
@@ -753,9 +891,10 @@ def main(args: Args):
 
     envs = make_train_envs(args, run_dir)
     atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
-    eval_env = make_env(args, args.seed + 10_000, evaluation=True)()
-    eval_env.reset(seed=args.seed + 10_000)  # seeds the eval games once; later resets continue its RNG
-    eval_rng = np.random.default_rng(args.seed + 10_000)
+    eval_seed = 2**31 - 1 - args.seed  # the authors' evaluation seed
+    eval_env = make_env(args, eval_seed, evaluation=True)()
+    eval_env.reset(seed=eval_seed)  # seeds the eval games once; later resets continue its RNG
+    eval_rng = np.random.default_rng(eval_seed)
     q_network = make_network(args, n_actions, me_coef).to(device)
     target_network = copy.deepcopy(q_network)
     if args.compile:  # in place: state_dicts keep their keys; one static graph per batch shape (acting, evaluation, training)
@@ -896,11 +1035,14 @@ def main(args: Args):
             evaluations += 1
             score = float(np.mean(result["scores"]))
             writer.add_scalar("eval/episodic_return", score, global_step)
-            writer.add_scalar("eval/overestimation", result["overestimation"], global_step)
+            for key in EVAL_STATISTICS + ("truncated_episodes",):
+                if result[key] is not None:  # None: no episode finished within --eval-steps
+                    writer.add_scalar(f"eval/{key}", result[key], global_step)
             if score > best_score:  # keep the best network, as the protocol's final evaluation plays it
                 best_score, best_state, best_step = score, copy.deepcopy(q_network.state_dict()), global_step
+            over = "n/a (no episode finished)" if result["overestimation"] is None else f"{result['overestimation']:.3f}"
             print(f"evaluation {evaluations} at step {global_step:,}: mean score {score:.1f} over {len(result['scores'])} episodes, "
-                  f"overestimation {result['overestimation']:.3f}")
+                  f"overestimation {over}")
 
         now = time.time()
         if now - last_print >= args.progress_interval or global_step >= args.total_timesteps:
@@ -949,7 +1091,7 @@ def main(args: Args):
         "mean": float(np.mean(scores)),
         "median": float(np.median(scores)),
         "std": float(np.std(scores)),
-        "overestimation": result["overestimation"],
+        **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)},
     }
     final_path = os.path.join(run_dir, "final_eval.json")
     if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result

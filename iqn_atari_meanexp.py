@@ -62,7 +62,7 @@ class Args:
     run_name: Optional[str] = None
     """the run directory under runs/; default {env}__{exp_name}__k{k}__{seed}__{unix time}"""
     seed: int = 1
-    """seed of the experiment (training envs use seed..seed+N-1, the evaluation env seed+10000)"""
+    """seed of the experiment (training envs use seed..seed+N-1, the evaluation env 2^31 - 1 - seed, as the authors')"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -86,8 +86,8 @@ class Args:
     """if toggled, a lost life ends the training episode (evaluation always plays whole games)"""
     fire_reset: bool = False
     """if toggled, press FIRE after each reset in games that need it"""
-    noop_max: int = 30
-    """at most this many no-op frames at the start of each episode (0 disables)"""
+    noop_max: int = 0
+    """at most this many no-op frames at the start of each episode (0: none, as in the authors' code; DQN papers often use 30)"""
     frame_skip: int = 4
     """emulator frames per agent step (the action repeats, the observation is the max of the last two frames)"""
     max_episode_steps: int = 27_000
@@ -95,13 +95,13 @@ class Args:
 
     # Algorithm
     me_coef: Optional[float] = None
-    """the mean-expansion coefficient k; default the number of actions |A|; 0 is plain DQN"""
+    """the mean-expansion coefficient k; default the number of actions |A|; 0 is plain IQN"""
     total_timesteps: int = 50_000_000
     """total agent steps (summed over all envs)"""
     learning_rate: float = 5e-5
-    """the learning rate of the Adam optimizer"""
-    adam_eps: float = 0.01 / 32
-    """the epsilon of the Adam optimizer"""
+    """the learning rate of Adam (the paper's IQN: 5e-5)"""
+    optimizer_eps: float = 0.01 / 32
+    """the epsilon of Adam (the paper's IQN: 0.01 / batch size 32)"""
     num_envs: int = 1
     """the number of parallel game environments"""
     buffer_size: int = 1_000_000
@@ -140,7 +140,7 @@ class Args:
     """agent steps per periodic evaluation (only whole episodes are scored)"""
     eval_epsilon: float = 0.001
     """epsilon of the epsilon-greedy policy during evaluation"""
-    final_eval_episodes: int = 30
+    final_eval_episodes: int = 200
     """episodes the best network plays at the end (written to final_eval.json)"""
     log_interval: int = 1_000
     """agent steps between TensorBoard points of losses and metrics"""
@@ -156,7 +156,13 @@ class Args:
     """a run directory to continue from its checkpoint, with the run's own settings (only a few flags may change)"""
 
 
-POSITIVE_ALGO_FLAGS = ("num_tau_samples", "num_tau_prime_samples", "num_quantile_samples", "quantile_embedding_dim", "kappa")
+FIXED_SETTINGS = {"loss": "quantile_huber", "optimizer": "adam", "network": "iqn"}  # what config.json records besides the flags
+
+
+def algo_errors(args: Args) -> list:
+    """The checks of this algorithm's own flags (check_args below does the rest)."""
+    positive = ("num_tau_samples", "num_tau_prime_samples", "num_quantile_samples", "quantile_embedding_dim", "kappa")
+    return [f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})" for name in positive if not getattr(args, name) > 0]
 
 
 # ---------------------------------------------------------------------------
@@ -174,8 +180,8 @@ def check_args(args: Args) -> list:
     elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
         errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
-                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "adam_eps",
-                "progress_interval", *POSITIVE_ALGO_FLAGS]
+                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "optimizer_eps",
+                "progress_interval"]
     non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
     probabilities = ["start_e", "end_e", "eval_epsilon"]
     for name in positive:
@@ -192,7 +198,7 @@ def check_args(args: Args) -> list:
     if not 0.0 < args.gamma <= 1.0:
         errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
     if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
-        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}, the default is |A|")
+        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}")
     if args.batch_size > args.learning_starts:
         errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
                       "the first update would sample more transitions than the buffer holds")
@@ -205,7 +211,7 @@ def check_args(args: Args) -> list:
         errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         errors.append("--capture-video needs moviepy: pip install moviepy")
-    return errors
+    return errors + algo_errors(args)
 
 
 RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "progress_interval", "cuda", "save_model",
@@ -424,6 +430,11 @@ def make_network(args: Args, n_actions: int, me_coef: float) -> nn.Module:
     return IQNNetwork(n_actions, me_coef, args.quantile_embedding_dim, args.num_quantile_samples)
 
 
+def default_me_coef(args: Args, n_actions: int) -> float:
+    """k when --me-coef is not given: |A|, as the authors' IB-IQN."""
+    return float(n_actions)
+
+
 # ---------------------------------------------------------------------------
 # Replay buffer: each 84x84 frame stored once, 4-frame stacks rebuilt when sampling
 # ---------------------------------------------------------------------------
@@ -598,7 +609,7 @@ def update(q_network, target_network, optimizer, batch: Batch, args: Args):
 
 def make_optimizer(args: Args, network: nn.Module) -> torch.optim.Optimizer:
     # fused: the same Adam, one kernel for all parameters instead of a loop over them (12x faster on CPU, benchmarks/)
-    return torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    return torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.optimizer_eps, fused=True)
 
 
 # ---------------------------------------------------------------------------
@@ -612,44 +623,69 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return start_e + (end_e - start_e) * min(t / duration, 1.0)
 
 
-def discounted_returns(rewards, gamma: float) -> np.ndarray:
-    """G_t = r_t + gamma * G_{t+1}, for every step of one episode."""
-    returns, g = np.zeros(len(rewards)), 0.0
+def discounted_returns(rewards, gamma: float, bootstrap: float = 0.0) -> np.ndarray:
+    """G_t = r_t + gamma * G_{t+1} for every step t of one episode, from G_T = bootstrap after its last step."""
+    returns, g = np.zeros(len(rewards)), bootstrap
     for t in range(len(rewards) - 1, -1, -1):
         g = rewards[t] + gamma * g
         returns[t] = g
     return returns
 
 
+def episode_statistics(q, rewards, gamma: float, bootstrap: float) -> dict:
+    """The authors' statistics of one evaluation episode (PAPER.md, "Metrics"): q[t] = Q(s_t, a_t) of the greedy
+    action, rewards sign-clipped, bootstrap = Q(s_T, greedy action) where the episode was cut, 0 where it ended."""
+    q, returns = np.asarray(q, dtype=np.float64), discounted_returns(rewards, gamma, bootstrap)
+    error = q - returns
+    return {"overestimation": error.mean(), "normalized_overestimation": error.mean() / abs(q.mean()), "mean_q": q.mean(),
+            "mean_return": returns.mean(),  # the bootstrapped G_t the overestimation is measured against, mean over steps
+            "mean_discounted_return": discounted_returns(rewards, gamma)[0]}  # G_0 without the bootstrap
+
+
 @torch.no_grad()
 def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=None, max_episodes=None) -> dict:
-    """Plays epsilon-greedy episodes until max_steps agent steps or max_episodes episodes.
+    """Plays until max_steps agent steps or max_episodes episodes; with probability epsilon a random action
+    replaces the greedy one.
 
-    Only whole episodes count (an episode cut by max_steps is dropped, unless none finished):
-    scores are raw game scores; overestimation is the mean over visited steps of predicted
-    Q(s_t, a_t) minus the realized discounted return from t on sign-clipped rewards.
+    Scores are the raw game scores of the finished episodes (of the unfinished one where none finished, as
+    PFRL does). The Q statistics of episode_statistics are averaged over the finished episodes (None where
+    none finished); `truncated_episodes` counts those a time limit cut.
     """
-    network.eval()
-    finished, episode = [], ([], [], [])  # an episode: predicted Q(s_t, a_t), sign-clipped rewards, raw rewards
-    obs, steps = env.reset()[0], 0
-    while not ((max_episodes is not None and len(finished) >= max_episodes) or (max_steps is not None and steps >= max_steps)):
-        # two estimates of Q(s, .) in one call: where Q is itself sampled (IQN's taus), recording the
-        # estimate that picked the action would bias the recorded Q upward (a winner's curse)
+
+    def greedy(obs):
+        """(the greedy action, its Q). Two estimates of Q(s, .) in one call: where Q is itself sampled (IQN's taus),
+        recording the estimate that picked the action would bias the recorded Q upward (a winner's curse)."""
         obs_t = torch.as_tensor(obs, device=device)
         q_act, q_record = network.q_values(obs_t[None].expand(2, *obs_t.shape)).cpu().numpy()
-        action = int(rng.integers(len(q_act))) if rng.random() < epsilon else int(q_act.argmax())
+        action = int(q_act.argmax())
+        return action, float(q_record[action])
+
+    network.eval()
+    finished, truncated_episodes = [], 0  # finished: (score, length, statistics) per episode
+    q, clipped, raw = [], [], []  # the current episode: Q(s_t, greedy a_t), sign-clipped and raw rewards
+    obs, steps = env.reset()[0], 0
+    while not ((max_episodes is not None and len(finished) >= max_episodes) or (max_steps is not None and steps >= max_steps)):
+        action, q_value = greedy(obs)  # Q is recorded for the greedy action, before epsilon may replace it
+        if rng.random() < epsilon:
+            action = int(rng.integers(env.action_space.n))
         obs, reward, terminated, truncated, _ = env.step(action)
         steps += 1
-        for values, value in zip(episode, (q_record[action], np.sign(reward), float(reward))):
-            values.append(value)
+        q.append(q_value)
+        clipped.append(np.sign(reward))
+        raw.append(float(reward))
         if terminated or truncated:
-            finished.append(episode)
-            episode, obs = ([], [], []), env.reset()[0]
+            bootstrap = 0.0 if terminated else greedy(obs)[1]  # a cut episode's return goes on beyond its last step
+            finished.append((sum(raw), len(raw), episode_statistics(q, clipped, gamma, bootstrap)))
+            truncated_episodes += int(not terminated)
+            q, clipped, raw = [], [], []
+            obs = env.reset()[0]
     network.train()
-    episodes = finished or [episode]  # the step budget ended inside the first episode: score what was played
-    errors = np.concatenate([np.asarray(q) - discounted_returns(r, gamma) for q, r, _ in episodes])
-    return {"scores": [sum(raw) for _, _, raw in episodes], "lengths": [len(r) for _, r, _ in episodes],
-            "overestimation": float(errors.mean()), "steps": steps}
+    scores, lengths = [s for s, _, _ in finished] or [sum(raw)], [n for _, n, _ in finished] or [len(raw)]
+    stats = {key: float(np.mean([e[key] for _, _, e in finished])) if finished else None for key in EVAL_STATISTICS}
+    return {"scores": scores, "lengths": lengths, "steps": steps, "truncated_episodes": truncated_episodes, **stats}
+
+
+EVAL_STATISTICS = ("overestimation", "normalized_overestimation", "mean_q", "mean_return", "mean_discounted_return")
 
 
 # ---------------------------------------------------------------------------
@@ -659,7 +695,7 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
 
 def effective_settings(args: Args, run_name: str, n_actions: int, me_coef: float, device: torch.device) -> dict:
     """Every setting the run used, including those derived from the env and the machine."""
-    settings = dataclasses.asdict(args)
+    settings = {**dataclasses.asdict(args), **FIXED_SETTINGS}  # loss, optimizer, network; learning rate and eps as used
     settings.update(
         algo=ALGO,
         run_name=run_name,
@@ -750,7 +786,7 @@ def main(args: Args):
     probe = make_env(args, args.seed)()  # one env to learn |A| before anything large is allocated
     n_actions = int(probe.action_space.n)
     probe.close()
-    me_coef = float(n_actions if args.me_coef is None else args.me_coef)
+    me_coef = default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)
     replay_bytes, free_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
     print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
           f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
@@ -794,9 +830,10 @@ def main(args: Args):
 
     envs = make_train_envs(args, run_dir)
     atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
-    eval_env = make_env(args, args.seed + 10_000, evaluation=True)()
-    eval_env.reset(seed=args.seed + 10_000)  # seeds the eval games once; later resets continue its RNG
-    eval_rng = np.random.default_rng(args.seed + 10_000)
+    eval_seed = 2**31 - 1 - args.seed  # the authors' evaluation seed
+    eval_env = make_env(args, eval_seed, evaluation=True)()
+    eval_env.reset(seed=eval_seed)  # seeds the eval games once; later resets continue its RNG
+    eval_rng = np.random.default_rng(eval_seed)
     q_network = make_network(args, n_actions, me_coef).to(device)
     target_network = copy.deepcopy(q_network)
     if args.compile:  # in place: state_dicts keep their keys; one static graph per batch shape (acting, evaluation, training)
@@ -937,11 +974,14 @@ def main(args: Args):
             evaluations += 1
             score = float(np.mean(result["scores"]))
             writer.add_scalar("eval/episodic_return", score, global_step)
-            writer.add_scalar("eval/overestimation", result["overestimation"], global_step)
+            for key in EVAL_STATISTICS + ("truncated_episodes",):
+                if result[key] is not None:  # None: no episode finished within --eval-steps
+                    writer.add_scalar(f"eval/{key}", result[key], global_step)
             if score > best_score:  # keep the best network, as the protocol's final evaluation plays it
                 best_score, best_state, best_step = score, copy.deepcopy(q_network.state_dict()), global_step
+            over = "n/a (no episode finished)" if result["overestimation"] is None else f"{result['overestimation']:.3f}"
             print(f"evaluation {evaluations} at step {global_step:,}: mean score {score:.1f} over {len(result['scores'])} episodes, "
-                  f"overestimation {result['overestimation']:.3f}")
+                  f"overestimation {over}")
 
         now = time.time()
         if now - last_print >= args.progress_interval or global_step >= args.total_timesteps:
@@ -990,7 +1030,7 @@ def main(args: Args):
         "mean": float(np.mean(scores)),
         "median": float(np.median(scores)),
         "std": float(np.std(scores)),
-        "overestimation": result["overestimation"],
+        **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)},
     }
     final_path = os.path.join(run_dir, "final_eval.json")
     if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result

@@ -14,7 +14,7 @@ from conftest import ROOT
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/epsilon", "losses/td_loss",
         "losses/q_values", "metrics/action_gap", "eval/episodic_return", "eval/overestimation"]
 TINY = ["--total-timesteps", "600", "--learning-starts", "200", "--buffer-size", "1000", "--batch-size", "8",
-        "--eval-interval", "300", "--eval-steps", "100", "--final-eval-episodes", "3", "--max-episode-steps", "120",
+        "--eval-interval", "300", "--eval-steps", "130", "--final-eval-episodes", "3", "--max-episode-steps", "120",
         "--log-interval", "100", "--target-network-frequency", "100", "--no-cuda"]
 
 
@@ -62,8 +62,15 @@ def test_paper_protocol_run_writes_every_tag_and_final_eval(tmp_path, algo, extr
         assert setting in text
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algo"] == algo and config["me_coef"] == 18.0 and config["full_action_space"] is True
-    assert config["run_name"] == "pong"
-    check_final_eval(run_dir, 3, algo=algo, env_id="ALE/Pong-v5", seed=5, me_coef=18.0, total_steps=600)
+    assert config["run_name"] == "pong" and config["noop_max"] == 0  # the authors' code has no no-op starts
+    row = {"dqn": ("sse", "adam", "nature", 6.25e-5, 1.5e-4), "iqn": ("quantile_huber", "adam", "iqn", 5e-5, 0.01 / 32)}[algo]
+    assert tuple(config[k] for k in ("loss", "optimizer", "network", "learning_rate", "optimizer_eps")) == row
+    assert {"eval/normalized_overestimation", "eval/mean_q", "eval/mean_return", "eval/mean_discounted_return",
+            "eval/truncated_episodes"} <= set(acc.Tags()["scalars"])
+    final = check_final_eval(run_dir, 3, algo=algo, env_id="ALE/Pong-v5", seed=5, me_coef=18.0, total_steps=600)
+    assert final["truncated_episodes"] == 3  # Pong lasts longer than 120 steps: every episode is cut, and bootstrapped
+    assert all(isinstance(final[key], float) for key in ("overestimation", "normalized_overestimation", "mean_q",
+                                                         "mean_return", "mean_discounted_return"))
 
 
 def test_cleanrl_protocol_with_two_envs_video_and_model(tmp_path):
