@@ -13,17 +13,21 @@ usage() {
   cat <<EOF
 Usage: $(basename "$0") [options] [-- flags passed to every run]
 
-Plans one run per game x algorithm x k x seed and launches them. Runs go to ./runs/NAME
-(NAME = GAME__ALGO__kK__sSEED); a run already finished is skipped, one that was stopped is
+Plans one run per game x variant x seed and launches them. Runs go to ./runs/NAME
+(NAME = GAME__VARIANT__sSEED); a run already finished is skipped, one that was stopped is
 resumed from its checkpoint. Batch files (plans, logs, sbatch scripts) go to ./runs/_batch/.
-With no options: the paper's comparison, 57 games x {dqn, iqn} x k in {0, default} x seeds 1-3.
+With no options: the paper's comparison, 57 games x {dqn, ib_dqn, iqn, ib_iqn} x seeds 1-3.
 
 What to run:
-  --algos LIST          dqn, iqn or both, comma-separated (default: dqn,iqn)
-  --games LIST          game names as in atari57.csv (breakout,ms_pacman,...), or all (default: all)
-  --games-file FILE     game names, one per line (# starts a comment), instead of --games
+  --variants LIST       the paper's rows by name, comma-separated, or all (default: dqn,ib_dqn,iqn,ib_iqn):
+$(for v in "${PAPER_VARIANTS[@]}"; do printf '                          %-22s %s\n' "$v" "${VARIANT_ROW[$v]}"; done)
+  --algos LIST          instead of --variants: dqn, iqn or both, each with every k of --k
+  --k LIST              with --algos: numbers >= 0, or default (= |A|) (default: 0,default); variants are named
+                        ALGO (k = 0), ib_ALGO (default), ib_dqn1 (dqn, k = 1) and ib_ALGO_kK (any other k)
+  --games LIST          game names as in atari57.csv (breakout,ms_pacman,...), the sets atari5 and atari11
+                        (the authors' plotting subsets), or all (default: all)
+  --games-file FILE     game names or sets, one per line (# starts a comment), instead of --games
   --seeds LIST          numbers and ranges: 1-3 (default), 1,4,7, 1-5,10
-  --k LIST              mean-expansion coefficients: numbers >= 0, or default (= |A|) (default: 0,default)
   --v4                  use the NoFrameskip-v4 ids (CleanRL's protocol: add its flags after --); surround has none
   --dry-run             print every planned command, launch nothing
   --backend local|slurm where to run (default: local)
@@ -48,6 +52,20 @@ Exit code: 0 all planned runs finished; 1 a run failed; 2 bad input; 130 interru
 checkpoints and stops; run the same command again to resume them).
 EOF
 }
+
+# The paper's rows: the script each runs and the flags that make it that row (PAPER.md; README.md, "The paper's rows")
+PAPER_VARIANTS=(dqn ib_dqn ib_dqn1 dqn_rmsprop_huber ib_dqn_rmsprop_huber dueling_dqn rdq iqn ib_iqn)
+declare -A VARIANT_SCRIPT=([dqn]=dqn [ib_dqn]=dqn [ib_dqn1]=dqn [dqn_rmsprop_huber]=dqn [ib_dqn_rmsprop_huber]=dqn
+                          [dueling_dqn]=dqn [rdq]=dqn [iqn]=iqn [ib_iqn]=iqn)
+declare -A VARIANT_FLAGS=([dqn]="--me-coef 0" [ib_dqn]="" [ib_dqn1]="--me-coef 1"
+                         [dqn_rmsprop_huber]="--me-coef 0 --optimizer rmsprop --loss huber"
+                         [ib_dqn_rmsprop_huber]="--optimizer rmsprop --loss huber" [dueling_dqn]="--network dueling"
+                         [rdq]="--network rdq --loss mse" [iqn]="--me-coef 0" [ib_iqn]="")
+declare -A VARIANT_ROW=([dqn]="DQN (Adam, sse)" [ib_dqn]="IB-DQN(k), k = |A|" [ib_dqn1]="IB-DQN(1)"
+                       [dqn_rmsprop_huber]="DQN (RMSprop, Huber)" [ib_dqn_rmsprop_huber]="IB-DQN (RMSprop, Huber)"
+                       [dueling_dqn]="Dueling DQN" [rdq]="RDQ (mse, as the authors ran it)" [iqn]="IQN" [ib_iqn]="IB-IQN, k = |A|")
+declare -A GAME_SETS=([atari5]="battle_zone double_dunk name_this_game phoenix qbert"
+                      [atari11]="battle_zone double_dunk name_this_game phoenix qbert alien asterix seaquest space_invaders wizard_of_wor zaxxon")
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 log() { echo "run_all.sh: $*"; }
@@ -107,7 +125,7 @@ fi
 # Options
 # ---------------------------------------------------------------------------
 
-algos=dqn,iqn games=all games_file="" seeds=1-3 ks=0,default v4=0 dry_run=0 backend=local
+variants="" algos="" games=all games_file="" seeds=1-3 ks="" v4=0 dry_run=0 backend=local
 gpus="" runs_per_gpu=1 max_parallel="" partition="" account="" time_limit=24:00:00 gpus_per_task=1
 cpus_per_task=4 mem=16G throttle="" signal_lead=300
 extra=()
@@ -115,6 +133,7 @@ needs_value() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
+    --variants) needs_value "$@"; variants=$2; shift ;;
     --algos) needs_value "$@"; algos=$2; shift ;;
     --games) needs_value "$@"; games=$2; shift ;;
     --games-file) needs_value "$@"; games_file=$2; shift ;;
@@ -164,12 +183,6 @@ if [ "$gpus" != none ]; then
   for g in "${gpu_list[@]}"; do [[ $g =~ ^[0-9]+$ ]] || die "--gpus takes GPU indices such as 0,1, or none (got '$gpus')"; done
 fi
 
-IFS=, read -ra algo_list <<<"$algos"
-[ ${#algo_list[@]} -gt 0 ] || die "--algos is empty"
-for a in "${algo_list[@]}"; do
-  case $a in dqn|iqn) ;; *) die "unknown algorithm '$a' in --algos (allowed: dqn, iqn)" ;; esac
-done
-
 seed_list=()
 IFS=, read -ra seed_parts <<<"$seeds"
 for part in "${seed_parts[@]}"; do
@@ -180,13 +193,37 @@ for part in "${seed_parts[@]}"; do
 done
 [ ${#seed_list[@]} -gt 0 ] || die "--seeds is empty"
 
-k_list=()
-IFS=, read -ra k_parts <<<"$ks"
-for k in "${k_parts[@]}"; do
-  [[ $k == default || $k =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--k takes numbers >= 0 and 'default' (got '$k' in '$ks')"
-  k_list+=("$k")
-done
-[ ${#k_list[@]} -gt 0 ] || die "--k is empty"
+# Variants: the paper's rows by name, or algorithms x k values
+variant_list=()
+if [ -n "$variants" ]; then
+  [ -z "$algos$ks" ] || die "--variants and --algos/--k both choose what to run: give one of them"
+  [ "$variants" != all ] || variants=$(IFS=,; echo "${PAPER_VARIANTS[*]}")
+  IFS=, read -ra variant_list <<<"$variants"
+  [ ${#variant_list[@]} -gt 0 ] || die "--variants is empty"
+  for v in "${variant_list[@]}"; do
+    [ -n "${VARIANT_SCRIPT[$v]+x}" ] || die "unknown variant '$v' in --variants (allowed: ${PAPER_VARIANTS[*]}, or all)"
+  done
+else
+  IFS=, read -ra algo_list <<<"${algos:-dqn,iqn}"
+  [ ${#algo_list[@]} -gt 0 ] || die "--algos is empty"
+  for a in "${algo_list[@]}"; do
+    case $a in dqn|iqn) ;; *) die "unknown algorithm '$a' in --algos (allowed: dqn, iqn)" ;; esac
+  done
+  IFS=, read -ra k_list <<<"${ks:-0,default}"
+  [ ${#k_list[@]} -gt 0 ] || die "--k is empty"
+  for k in "${k_list[@]}"; do
+    [[ $k == default || $k =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--k takes numbers >= 0 and 'default' (got '$k' in '$ks')"
+  done
+  for a in "${algo_list[@]}"; do
+    for k in "${k_list[@]}"; do
+      if [ "$k" = default ]; then v=ib_$a
+      elif [[ $k =~ ^0+(\.0+)?$ ]]; then v=$a
+      elif [ "$a" = dqn ] && [[ $k =~ ^0*1(\.0+)?$ ]]; then v=ib_dqn1
+      else v=ib_${a}_k$k; VARIANT_SCRIPT[$v]=$a; VARIANT_FLAGS[$v]="--me-coef $k"; fi
+      variant_list+=("$v")
+    done
+  done
+fi
 
 # Games: names and ids from atari57.csv
 declare -A env_id=()
@@ -198,16 +235,23 @@ while IFS=, read -r game v5 v4id _; do
 done <"$GAMES_CSV"
 if [ -n "$games_file" ]; then
   [ -f "$games_file" ] || die "--games-file '$games_file' does not exist"
-  mapfile -t game_list < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$games_file" | grep -v '^$' || true)
-  [ ${#game_list[@]} -gt 0 ] || die "--games-file '$games_file' names no game"
+  mapfile -t named < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$games_file" | grep -v '^$' || true)
+  [ ${#named[@]} -gt 0 ] || die "--games-file '$games_file' names no game"
 elif [ "$games" = all ]; then
-  game_list=("${all_games[@]}")
+  named=("${all_games[@]}")
 else
-  IFS=, read -ra game_list <<<"$games"
+  IFS=, read -ra named <<<"$games"
 fi
-for g in "${game_list[@]}"; do
-  [ -n "${env_id[$g]+x}" ] || die "unknown game '$g' (the names of atari57.csv: ${all_games[*]:0:5} ...; see --help)"
-  [ -n "${env_id[$g]}" ] || die "game '$g' has no NoFrameskip-v4 id; drop it or --v4"
+game_list=()
+declare -A planned_game=()
+for g in "${named[@]}"; do  # a set stands for its games; a game named twice runs once
+  read -ra members <<<"${GAME_SETS[$g]:-$g}"
+  for m in "${members[@]}"; do
+    [ -n "${env_id[$m]+x}" ] || die "unknown game '$m' (the names of atari57.csv: ${all_games[*]:0:5} ..., or atari5, atari11; see --help)"
+    [ -n "${env_id[$m]}" ] || die "game '$m' has no NoFrameskip-v4 id; drop it or --v4"
+    [ -n "${planned_game[$m]+x}" ] || game_list+=("$m")
+    planned_game[$m]=1
+  done
 done
 
 # ---------------------------------------------------------------------------
@@ -216,39 +260,60 @@ done
 
 plan_lines=()
 for game in "${game_list[@]}"; do
-  for algo in "${algo_list[@]}"; do
-    for k in "${k_list[@]}"; do
-      for seed in "${seed_list[@]}"; do
-        name="${game}__${algo}__k${k}__s${seed}"
-        [ "$v4" = 0 ] || name+="__v4"  # another protocol: never skipped or resumed as the v5 run of the same name
-        flags=(--env-id "${env_id[$game]}" --seed "$seed")
-        [ "$k" = default ] || flags+=(--me-coef "$k")
-        flags+=("${extra[@]+"${extra[@]}"}" --run-name "$name")
-        plan_lines+=("$name"$'\t'"${algo}_atari_meanexp.py"$'\t'"$(printf '%q ' "${flags[@]}")")
-      done
+  for variant in "${variant_list[@]}"; do
+    read -ra variant_flags <<<"${VARIANT_FLAGS[$variant]}"
+    for seed in "${seed_list[@]}"; do
+      name="${game}__${variant}__s${seed}"
+      [ "$v4" = 0 ] || name+="__v4"  # another protocol: never skipped or resumed as the v5 run of the same name
+      flags=(--env-id "${env_id[$game]}" --seed "$seed" "${variant_flags[@]+"${variant_flags[@]}"}")
+      flags+=("${extra[@]+"${extra[@]}"}" --run-name "$name")
+      plan_lines+=("$name"$'\t'"${VARIANT_SCRIPT[$variant]}_atari_meanexp.py"$'\t'"$(printf '%q ' "${flags[@]}")")
     done
   done
 done
 names=$(printf '%s\n' "${plan_lines[@]}" | cut -f1 | sort | uniq -d)
 [ -z "$names" ] || die "the plan names a run twice: $(echo $names)"
 
-# The scripts check the extra flags themselves, once per algorithm, before anything is launched
+# The scripts check the flags of every variant with the extra flags themselves, in one process, before anything is launched
 for flag in "${extra[@]+"${extra[@]}"}"; do
   case ${flag%%=*} in
-    --env-id|--seed|--me-coef|--run-name|--resume) die "$flag after -- is set by run_all.sh for each run (use --games, --seeds, --k)" ;;
+    --env-id|--seed|--run-name|--resume) die "$flag after -- is set by run_all.sh for each run (use --games, --seeds)" ;;
+    --me-coef|--network|--loss|--optimizer) die "$flag after -- is set by the variant (use --variants, or --algos with --k)" ;;
   esac
 done
-for algo in "${algo_list[@]}"; do
-  "$(python_cmd)" - "$HERE" "$algo" "${extra[@]+"${extra[@]}"}" <<'PY' || die "the flags after -- are not valid for ${algo}_atari_meanexp.py (above)"
+check=()
+for variant in "${variant_list[@]}"; do
+  read -ra variant_flags <<<"${VARIANT_FLAGS[$variant]}"
+  check+=("${VARIANT_SCRIPT[$variant]}" "$variant" $(( ${#variant_flags[@]} + ${#extra[@]} )))
+  check+=("${variant_flags[@]+"${variant_flags[@]}"}" "${extra[@]+"${extra[@]}"}")
+done
+code=0
+"$(python_cmd)" - "$HERE" "${check[@]}" <<'PY' || code=$?
 import importlib, sys
 sys.path.insert(0, sys.argv[1])
-script = importlib.import_module(f"{sys.argv[2]}_atari_meanexp")
-errors = script.check_args(script.parse_args(sys.argv[3:]))
-for message in errors:
-    print(f"error: {message}", file=sys.stderr)
-sys.exit(2 if errors else 0)
+argv, bad = sys.argv[2:], False
+while argv:
+    algo, variant, n = argv[0], argv[1], int(argv[2])
+    flags, argv = argv[3:3 + n], argv[3 + n:]
+    try:
+        script = importlib.import_module(f"{algo}_atari_meanexp")
+    except ImportError as error:  # not the flags' fault: say what is missing
+        print(f"error: cannot import {algo}_atari_meanexp.py with {sys.executable}: {error} "
+              "(pip install -r requirements.txt, or set PYTHON)", file=sys.stderr)
+        sys.exit(3)
+    try:
+        errors = script.check_args(script.parse_args(flags))
+    except SystemExit:  # the command line parser has printed what is wrong: once is enough
+        print(f"error: variant {variant}: {' '.join(flags)}: not a valid command line for {algo}_atari_meanexp.py (above)",
+              file=sys.stderr)
+        sys.exit(2)
+    for message in errors:
+        print(f"error: variant {variant}: {message}", file=sys.stderr)
+    bad |= bool(errors)
+sys.exit(2 if bad else 0)
 PY
-done
+[ "$code" != 3 ] || die "the scripts cannot be imported (above): nothing was checked or launched"
+[ "$code" = 0 ] || die "the flags after -- are not valid for every variant (above)"
 
 todo=()  # plan lines of the runs not finished yet
 done_before=0
@@ -284,7 +349,7 @@ if [ "$dry_run" = 1 ]; then
     IFS=$'\t' read -r name script flags <<<"$line"
     echo "$py $HERE/$script $flags"
   done
-  echo "# ${#plan_lines[@]} runs: ${#game_list[@]} games x ${#algo_list[@]} algorithms x ${#k_list[@]} k values x ${#seed_list[@]} seeds" >&2
+  echo "# ${#plan_lines[@]} runs: ${#game_list[@]} games x ${#variant_list[@]} variants (${variant_list[*]}) x ${#seed_list[@]} seeds" >&2
   if [ "$backend" = slurm ] && [ ${#todo[@]} -gt 0 ]; then
     echo "# the sbatch script for the ${#todo[@]} runs not finished yet (not written, not submitted):" >&2
     sbatch_script >&2

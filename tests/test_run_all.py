@@ -61,8 +61,8 @@ def test_the_games_are_the_57_of_the_shared_table():
 def test_dry_run_plans_the_paper_comparison(tmp_path):
     proc = run_all(tmp_path, "--dry-run")
     runs = planned(proc.stdout)
-    assert len(runs) == 57 * 2 * 2 * 3
-    assert "684 runs: 57 games x 2 algorithms x 2 k values x 3 seeds" in proc.stderr
+    assert len(runs) == 57 * 4 * 3
+    assert "684 runs: 57 games x 4 variants (dqn ib_dqn iqn ib_iqn) x 3 seeds" in proc.stderr
     env_ids = {g["ale_v5_id"] for g in games_table()}
     assert {flags["--env-id"] for _, flags in runs} == env_ids
     names = [flags["--run-name"] for _, flags in runs]
@@ -70,7 +70,42 @@ def test_dry_run_plans_the_paper_comparison(tmp_path):
     combos = {(script, flags["--env-id"], flags.get("--me-coef", "default"), flags["--seed"]) for script, flags in runs}
     assert combos == {(f"{a}_atari_meanexp.py", e, k, s) for a in ("dqn", "iqn") for e in env_ids
                       for k in ("0", "default") for s in ("1", "2", "3")}
+    assert {f["--run-name"] for _, f in runs if f["--env-id"] == "ALE/Pong-v5" and f["--seed"] == "2"} == {
+        "pong__dqn__s2", "pong__ib_dqn__s2", "pong__iqn__s2", "pong__ib_iqn__s2"}  # the name carries the variant
+    assert all(set(f) == {"--env-id", "--seed", "--me-coef", "--run-name"} or set(f) == {"--env-id", "--seed", "--run-name"}
+               for _, f in runs)  # the paper's defaults otherwise: sse, Adam, the Nature network
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+PAPER_ROWS = {  # variant: (script, the flags that make it the paper's row)
+    "dqn": ("dqn", {"--me-coef": "0"}),
+    "ib_dqn": ("dqn", {}),
+    "ib_dqn1": ("dqn", {"--me-coef": "1"}),
+    "dqn_rmsprop_huber": ("dqn", {"--me-coef": "0", "--optimizer": "rmsprop", "--loss": "huber"}),
+    "ib_dqn_rmsprop_huber": ("dqn", {"--optimizer": "rmsprop", "--loss": "huber"}),
+    "dueling_dqn": ("dqn", {"--network": "dueling"}),
+    "rdq": ("dqn", {"--network": "rdq", "--loss": "mse"}),
+    "iqn": ("iqn", {"--me-coef": "0"}),
+    "ib_iqn": ("iqn", {}),
+}
+ATARI5 = ["battle_zone", "double_dunk", "name_this_game", "phoenix", "qbert"]
+ATARI11 = ATARI5 + ["alien", "asterix", "seaquest", "space_invaders", "wizard_of_wor", "zaxxon"]
+
+
+def test_variants_run_the_papers_rows_by_name(tmp_path):
+    runs = planned(run_all(tmp_path, "--dry-run", "--variants", "all", "--games", "atari5", "--seeds", "7").stdout)
+    assert len(runs) == 5 * 9
+    for script, flags in runs:
+        game, variant, seed = flags["--run-name"].split("__")
+        assert seed == "s7" and flags["--seed"] == "7" and game in ATARI5
+        row_script, row_flags = PAPER_ROWS[variant]
+        assert script == f"{row_script}_atari_meanexp.py"
+        assert {k: v for k, v in flags.items() if k not in ("--env-id", "--seed", "--run-name")} == row_flags, variant
+    assert {flags["--run-name"].split("__")[1] for _, flags in runs} == set(PAPER_ROWS)
+    some = planned(run_all(tmp_path, "--dry-run", "--variants", "rdq,dueling_dqn", "--games", "atari11,pong,qbert",
+                           "--seeds", "1").stdout)
+    games = [f["--run-name"].split("__")[0] for _, f in some[::2]]
+    assert games == ATARI11 + ["pong"]  # the sets expand in order, and a game named twice runs once
 
 
 def test_dry_run_options_and_extra_flags(tmp_path):
@@ -83,14 +118,17 @@ def test_dry_run_options_and_extra_flags(tmp_path):
                for script, flags in runs)
     assert {(f["--env-id"], f["--me-coef"], f["--seed"]) for _, f in runs} == {
         (e, k, s) for e in ("ALE/Pong-v5", "ALE/MsPacman-v5") for k in ("0", "1.5") for s in ("1", "4", "5")}
-    assert "ms_pacman__iqn__k1.5__s4" in {f["--run-name"] for _, f in runs}
+    assert {f["--run-name"] for _, f in runs if f["--seed"] == "4"} == {
+        "pong__iqn__s4", "pong__ib_iqn_k1.5__s4", "ms_pacman__iqn__s4", "ms_pacman__ib_iqn_k1.5__s4"}
     assert not (tmp_path / "runs").exists()
     v4 = planned(run_all(tmp_path, "--dry-run", "--v4", "--games", "breakout", "--algos", "dqn", "--seeds", "1", "--k", "0").stdout)
-    assert [(f["--env-id"], f["--run-name"]) for _, f in v4] == [("BreakoutNoFrameskip-v4", "breakout__dqn__k0__s1__v4")]
+    assert [(f["--env-id"], f["--run-name"]) for _, f in v4] == [("BreakoutNoFrameskip-v4", "breakout__dqn__s1__v4")]
+    k1 = planned(run_all(tmp_path, "--dry-run", "--games", "pong", "--algos", "dqn", "--seeds", "1", "--k", "1,default").stdout)
+    assert [f["--run-name"] for _, f in k1] == ["pong__ib_dqn1__s1", "pong__ib_dqn__s1"]  # the paper's rows by their names
 
 
 def test_slurm_dry_run_prints_the_sbatch_script_and_writes_nothing(tmp_path):
-    finished = tmp_path / "runs" / "pong__dqn__k0__s1"  # a finished run gets no array task
+    finished = tmp_path / "runs" / "pong__dqn__s1"  # a finished run gets no array task
     finished.mkdir(parents=True)
     (finished / "final_eval.json").write_text("{}")
     proc = run_all(tmp_path, "--dry-run", "--backend", "slurm", "--games", "pong", "--seeds", "1", "--throttle", "2",
@@ -102,7 +140,7 @@ def test_slurm_dry_run_prints_the_sbatch_script_and_writes_nothing(tmp_path):
                  "#SBATCH --gres=gpu:1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):
         assert line + "\n" in script, line
     assert "3 runs not finished yet (not written, not submitted)" in proc.stderr and "--run-one" in script
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pong__dqn__k0__s1"]  # nothing written
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pong__dqn__s1"]  # nothing written
 
 
 # ---------------------------------------------------------------------------
@@ -124,8 +162,14 @@ BAD = [
     (["--frobnicate"], "unknown option '--frobnicate'"),
     (["--seeds"], "--seeds needs a value"),
     (["--", "--seed", "7"], "--seed after -- is set by run_all.sh"),
-    (["--", "--learning-rate", "fast"], "not valid for dqn_atari_meanexp.py"),
+    (["--", "--learning-rate", "fast"], "not a valid command line for dqn_atari_meanexp.py"),
     (["--algos", "iqn", "--", "--num-tau-samples", "0"], "--num-tau-samples must be > 0"),
+    (["--variants", "dqn,ddqn"], "unknown variant 'ddqn' in --variants (allowed: dqn ib_dqn"),
+    (["--variants", "dqn", "--algos", "dqn"], "--variants and --algos/--k both choose what to run"),
+    (["--games", "atari7"], "unknown game 'atari7'"),
+    (["--variants", "rdq", "--", "--loss", "sse"], "--loss after -- is set by the variant"),
+    (["--", "--network", "rdq"], "--network after -- is set by the variant"),
+    (["--variants", "rdq,dqn", "--", "--rdq-penalty", "0.1"], "variant dqn: --rdq-penalty applies to --network rdq only"),
 ]
 
 
@@ -133,6 +177,16 @@ BAD = [
 def test_bad_input_is_refused_before_anything_starts(tmp_path, args, message):
     proc = run_all(tmp_path, *args, code=2)
     assert message in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_python_without_the_packages_is_named_as_the_cause(tmp_path):
+    bare = tmp_path / "bare-python"  # the same Python without its site-packages: no torch, no gymnasium
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    proc = run_all(tmp_path, "--dry-run", env={"PYTHON": str(bare)}, code=2)
+    assert "cannot import dqn_atari_meanexp.py" in proc.stderr and "No module named" in proc.stderr
+    assert "not valid" not in proc.stderr and not proc.stdout  # the flags are not blamed, nothing is planned
     assert not (tmp_path / "runs").exists()
 
 
@@ -165,7 +219,7 @@ def test_local_backend_runs_in_parallel_and_skips_finished_runs(tmp_path):
     args = ["--algos", "dqn", "--games", "pong,breakout", "--seeds", "1-2", "--k", "0", "--max-parallel", "2", "--", *TINY]
     proc = run_all(tmp_path, *args)
     assert "4 planned, 0 skipped (finished before), 4 finished now, 0 stopped with a checkpoint, 0 failed" in proc.stdout
-    names = [f"{g}__dqn__k0__s{s}" for g in ("pong", "breakout") for s in (1, 2)]
+    names = [f"{g}__dqn__s{s}" for g in ("pong", "breakout") for s in (1, 2)]
     intervals = []
     for name in names:
         final = json.loads((tmp_path / "runs" / name / "final_eval.json").read_text())
@@ -187,7 +241,7 @@ def test_ctrl_c_checkpoints_every_run_and_the_next_call_resumes_them(tmp_path):
     args = ["--algos", "dqn", "--games", "pong", "--seeds", "1-2", "--k", "0", "--max-parallel", "2", "--", *flags]
     proc = subprocess.Popen(["bash", RUN_ALL, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHON": sys.executable}, start_new_session=True)
-    logs = [tmp_path / "runs" / "_batch" / "logs" / f"pong__dqn__k0__s{s}.log" for s in (1, 2)]
+    logs = [tmp_path / "runs" / "_batch" / "logs" / f"pong__dqn__s{s}.log" for s in (1, 2)]
     deadline = time.time() + 300
     while not all(p.exists() and "step 2" in p.read_text() for p in logs):  # both runs are past step 200
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "timeout"
@@ -197,15 +251,15 @@ def test_ctrl_c_checkpoints_every_run_and_the_next_call_resumes_them(tmp_path):
     assert proc.returncode == 130, output
     assert "0 finished now, 2 stopped with a checkpoint, 0 failed" in output
     for s in (1, 2):
-        run_dir = tmp_path / "runs" / f"pong__dqn__k0__s{s}"
+        run_dir = tmp_path / "runs" / f"pong__dqn__s{s}"
         assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "final_eval.json").exists()
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b""  # no run left behind
     again = run_all(tmp_path, *args)
     assert "2 finished now" in again.stdout
     for s in (1, 2):
         log = logs[s - 1].read_text()
-        assert f"--resume runs/pong__dqn__k0__s{s}" in log and "resumed runs/" in log
-        assert json.loads((tmp_path / "runs" / f"pong__dqn__k0__s{s}" / "final_eval.json").read_text())["total_steps"] == 1500
+        assert f"--resume runs/pong__dqn__s{s}" in log and "resumed runs/" in log
+        assert json.loads((tmp_path / "runs" / f"pong__dqn__s{s}" / "final_eval.json").read_text())["total_steps"] == 1500
 
 
 def test_failed_runs_are_listed_with_their_logs(tmp_path):
@@ -214,12 +268,12 @@ def test_failed_runs_are_listed_with_their_logs(tmp_path):
                    *TINY, "--buffer-size", "100000000", code=1)
     assert "0 finished now, 0 stopped with a checkpoint, 2 failed" in proc.stdout
     for s in (1, 2):
-        assert f"failed: pong__dqn__k0__s{s} (exit code 2): runs/_batch/logs/pong__dqn__k0__s{s}.log" in proc.stdout
-        command = re.search(rf"failed: pong__dqn__k0__s{s} .*\nrun_all\.sh:   command: (.*)", proc.stdout).group(1).split()
+        assert f"failed: pong__dqn__s{s} (exit code 2): runs/_batch/logs/pong__dqn__s{s}.log" in proc.stdout
+        command = re.search(rf"failed: pong__dqn__s{s} .*\nrun_all\.sh:   command: (.*)", proc.stdout).group(1).split()
         assert command[:2] == [sys.executable, os.path.join(ROOT, "dqn_atari_meanexp.py")]
         assert command[command.index("--seed") + 1] == str(s) and command[-4:] == ["--buffer-size", "100000000", "--run-name",
-                                                                                  f"pong__dqn__k0__s{s}"]
-        assert "--buffer-size 100000000 needs" in (tmp_path / f"runs/_batch/logs/pong__dqn__k0__s{s}.log").read_text()
+                                                                                  f"pong__dqn__s{s}"]
+        assert "--buffer-size 100000000 needs" in (tmp_path / f"runs/_batch/logs/pong__dqn__s{s}.log").read_text()
 
 
 # ---------------------------------------------------------------------------
@@ -279,8 +333,8 @@ def test_slurm_array_runs_every_planned_run(slurm, tmp_path):
     outputs = tmp_path / "runs" / "_batch" / "slurm"
     wait_for(job, done=lambda: sum("exit code" in p.read_text() for p in outputs.glob(f"{job}_*.out")) == 4)
     for algo in ("dqn", "iqn"):
-        for k, coef in (("0", 0.0), ("default", 18.0)):
-            name = f"pong__{algo}__k{k}__s1"
+        for variant, coef in ((algo, 0.0), (f"ib_{algo}", 18.0)):
+            name = f"pong__{variant}__s1"
             final = json.loads((tmp_path / "runs" / name / "final_eval.json").read_text())
             assert (final["algo"], final["me_coef"], final["total_steps"]) == (algo, coef, 600), name
     assert all("exit code 0" in p.read_text() for p in outputs.glob(f"{job}_*.out"))
@@ -304,7 +358,7 @@ def test_slurm_task_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp_pat
     wait_for(job, done=lambda: out.read_text().rstrip().endswith("exit code 0"))
     text = out.read_text()
     assert "exit code 75" in text and f"requeueing array task {job}_0" in text
-    assert "resumed runs/pong__dqn__k0__s1 at step" in text and text.rstrip().endswith("exit code 0")
-    run_dir = tmp_path / "runs" / "pong__dqn__k0__s1"
+    assert "resumed runs/pong__dqn__s1 at step" in text and text.rstrip().endswith("exit code 0")
+    run_dir = tmp_path / "runs" / "pong__dqn__s1"
     assert json.loads((run_dir / "final_eval.json").read_text())["total_steps"] == 1500
     assert len(json.loads((run_dir / "config.json").read_text())["resumes"]) == 1
