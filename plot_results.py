@@ -5,17 +5,21 @@
 Reads every run directory that dqn_atari_meanexp.py or iqn_atari_meanexp.py wrote (config.json,
 final_eval.json and the TensorBoard events) and writes to --out-dir:
 
-- per_game.csv: the final evaluation score of each algorithm, k and game over its seeds, and its
-  human-normalized score (0 = random play, 1 = human, from atari57.csv);
+- per_game.csv: the final evaluation score of each variant (the paper's rows: DQN, IB-DQN(k), Dueling
+  DQN, RDQ, IQN, ...) and game over its seeds, its human-normalized score (0 = random play, 1 = human,
+  from atari57.csv), and its overestimation;
 - aggregate.csv: IQM, median, mean and optimality gap of human-normalized scores with 95%
-  stratified bootstrap confidence intervals, and the probability that mean-expansion improves on
-  the baseline (Agarwal et al. 2021, computed with their rliable package);
-- figures: aggregate IQM vs steps, per-game learning curves, action gap and overestimation vs
-  steps, and per game the relative change of mean-expansion over the baseline;
+  stratified bootstrap confidence intervals, and the probability that a mean-expansion variant improves
+  on each of its baselines (Agarwal et al. 2021, computed with their rliable package);
+- overestimation.csv: the authors' overestimation and normalized overestimation of the final evaluation,
+  median and mean over games, per variant;
+- figures: aggregate IQM vs steps, per-game learning curves, action gap and (normalized) overestimation
+  vs steps, final overestimation per variant, and per game the relative change of each mean-expansion
+  variant over each of its baselines;
 - report.md: all of it, with how many games and seeds each number rests on and what is missing.
 
-Algorithm, game, k and seed come from each run's recorded settings (config.json), never from its
-directory name. Partial results (missing games or seeds, unfinished runs) are used where they can
+Algorithm, variant (algorithm, network, optimizer, loss, k), game and seed come from each run's recorded
+settings (config.json), never from its directory name. Partial results (missing games or seeds, unfinished runs) are used where they can
 be and listed in report.md; nothing is dropped without being named there.
 """
 
@@ -72,7 +76,36 @@ AGGREGATES = {  # rliable's estimators on a (seeds x games) matrix of human-norm
     "mean": metrics.aggregate_mean,
     "optimality_gap": metrics.aggregate_optimality_gap,
 }
-CURVE_TAGS = ("eval/episodic_return", "eval/overestimation", "metrics/action_gap")
+CURVE_TAGS = ("eval/episodic_return", "eval/overestimation", "eval/normalized_overestimation", "metrics/action_gap")
+OVERESTIMATION = ("overestimation", "normalized_overestimation", "mean_q")  # of final_eval.json
+
+# The paper's rows by their settings (algo, network, optimizer, loss, k), in the order tables list them
+PAPER_VARIANTS = {
+    ("dqn", "nature", "adam", "sse", "0"): "DQN",
+    ("dqn", "nature", "adam", "sse", "|A|"): "IB-DQN(k)",
+    ("dqn", "nature", "adam", "sse", "1"): "IB-DQN(1)",
+    ("dqn", "nature", "rmsprop", "huber", "0"): "DQN (RMSprop, Huber)",
+    ("dqn", "nature", "rmsprop", "huber", "|A|"): "IB-DQN (RMSprop, Huber)",
+    ("dqn", "dueling", "adam", "sse", "0"): "Dueling DQN",
+    ("dqn", "rdq", "adam", "mse", "0"): "RDQ",
+    ("iqn", "iqn", "adam", "quantile_huber", "0"): "IQN",
+    ("iqn", "iqn", "adam", "quantile_huber", "|A|"): "IB-IQN",
+}
+DEFAULT_SETTINGS = {"dqn": ("nature", "adam", "sse"), "iqn": ("iqn", "adam", "quantile_huber")}  # network, optimizer, loss
+EXTRA_BASELINES = {"IB-DQN(k)": ("Dueling DQN", "RDQ")}  # besides its own k = 0, the paper compares IB-DQN(k) with these
+
+
+def variant_name(algo: str, network: str, optimizer: str, loss: str, k: str) -> str:
+    """The paper's name of a row (DQN, IB-DQN(k), RDQ, ...), or ALGO k=K with the settings that differ from the defaults."""
+    if (algo, network, optimizer, loss, k) in PAPER_VARIANTS:
+        return PAPER_VARIANTS[(algo, network, optimizer, loss, k)]
+    differ = [value for value, default in zip((network, optimizer, loss), DEFAULT_SETTINGS[algo]) if value != default]
+    return f"{algo.upper()} k={k}" + (f" ({', '.join(differ)})" if differ else "")
+
+
+def variant_order(name: str) -> tuple:
+    order = list(PAPER_VARIANTS.values())
+    return (order.index(name) if name in order else len(order), name)
 
 
 # ---------------------------------------------------------------------------
@@ -84,8 +117,10 @@ CURVE_TAGS = ("eval/episodic_return", "eval/overestimation", "metrics/action_gap
 class Run:
     path: str
     algo: str
+    variant: str  # the paper's name of its row (variant_name)
     env_id: str
     k: str  # "0", "1.5", ... or "|A|" (the scripts' default, the number of actions)
+    baselines: tuple  # the variants it is compared with where it has k > 0: its settings at k = 0, and EXTRA_BASELINES
     seed: int
     eval_interval: int
     final: Optional[dict]  # final_eval.json, None while the run is unfinished
@@ -93,17 +128,17 @@ class Run:
     last_step: int
     game: str = ""  # from env_id, through atari57.csv
 
-    @property
-    def variant(self) -> tuple:
-        return self.algo, self.k
-
 
 def read_run(path: str):
     """A Run, or a string saying why path is not a readable run."""
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        k = "|A|" if config.get("me_coef_default") else f"{float(config['me_coef']):g}"
+        me_coef, algo = float(config["me_coef"]), config["algo"]
+        k = "|A|" if config.get("me_coef_default") and me_coef > 0 else f"{me_coef:g}"  # dueling and RDQ default to 0
+        settings = tuple(config.get(name, default) for name, default in zip(("network", "optimizer", "loss"), DEFAULT_SETTINGS[algo]))
+        variant = variant_name(algo, *settings, k)
+        baselines = () if k == "0" else (variant_name(algo, *settings, "0"), *EXTRA_BASELINES.get(variant, ()))
         final = None
         if os.path.exists(os.path.join(path, "final_eval.json")):
             with open(os.path.join(path, "final_eval.json")) as f:
@@ -116,7 +151,7 @@ def read_run(path: str):
             points = accumulator.Scalars(tag) if tag in tags else []
             curves[tag] = (np.array([p.step for p in points], dtype=np.int64), np.array([p.value for p in points]))
         last_step = max([int(accumulator.Scalars(t)[-1].step) for t in tags] + [0])
-        return Run(path, config["algo"], config["env_id"], k, int(config["seed"]), int(config.get("eval_interval", 0)),
+        return Run(path, algo, variant, config["env_id"], k, baselines, int(config["seed"]), int(config.get("eval_interval", 0)),
                    final, curves, max(last_step, final["total_steps"] if final else 0))
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{path}: not a readable run ({type(error).__name__}: {error})"
@@ -152,10 +187,6 @@ def human_normalized(score, game: str, game_scores: dict):
     return (np.asarray(score, dtype=float) - random_score) / (human_score - random_score)
 
 
-def label(variant: tuple) -> str:
-    return f"{variant[0].upper()} k={variant[1]}"
-
-
 def rectangular(by_game: dict):
     """rliable needs the same number of seeds S for every game. S is the most common count (the larger
     on a tie); games with fewer seeds are left out, games with more use their S lowest seeds.
@@ -187,10 +218,16 @@ def final_matrix(runs: list, game_scores: dict):
     return matrix, games, notes
 
 
+def comparisons(variants: dict) -> list:
+    """(mean-expansion variant, baseline) pairs with runs of both: each variant with k > 0 against its settings at
+    k = 0 (IB-DQN(k) against DQN, IB-IQN against IQN, ...) and IB-DQN(k) also against Dueling DQN and RDQ."""
+    return [(variant, baseline) for variant, runs in variants.items() for baseline in runs[0].baselines if baseline in variants]
+
+
 def aggregate_rows(variants: dict, game_scores: dict, args: Args):
-    """aggregate.csv's rows: the four aggregates per variant, and the probability of improvement over k=0."""
+    """aggregate.csv's rows: the four aggregates per variant, and the probability of improvement over each baseline."""
     rows, matrices, notes = [], {}, {}
-    for variant, runs in sorted(variants.items()):
+    for variant, runs in variants.items():
         matrix, games, notes[variant] = final_matrix(runs, game_scores)
         if matrix.size == 0:
             continue
@@ -199,31 +236,37 @@ def aggregate_rows(variants: dict, game_scores: dict, args: Args):
             {"x": matrix}, lambda m: np.array([f(m) for f in AGGREGATES.values()]), reps=args.reps,
             random_state=np.random.RandomState(args.seed))
         for i, metric in enumerate(AGGREGATES):
-            rows.append(dict(algo=variant[0], me_coef=variant[1], metric=metric, value=float(point["x"][i]),
+            rows.append(dict(variant=variant, algo=runs[0].algo, me_coef=runs[0].k, metric=metric, value=float(point["x"][i]),
                              ci_low=float(interval["x"][0, i]), ci_high=float(interval["x"][1, i]), games=len(games),
                              seeds=matrix.shape[0]))
-    for variant, (matrix, games) in sorted(matrices.items()):
-        baseline = (variant[0], "0")
-        if variant[1] == "0" or baseline not in matrices:
+    for variant, baseline in comparisons(variants):
+        if variant not in matrices or baseline not in matrices:
             continue
-        base_matrix, base_games = matrices[baseline]
+        (matrix, games), (base_matrix, base_games) = matrices[variant], matrices[baseline]
         common = [g for g in games if g in base_games]  # the probability compares the two on the same games
         if not common:
-            notes[variant].append(f"no game finished by both it and {label(baseline)}: no probability of improvement")
+            notes[variant].append(f"no game finished by both it and {baseline}: no probability of improvement")
             continue
         x = matrix[:, [games.index(g) for g in common]]
         y = base_matrix[:, [base_games.index(g) for g in common]]
         point, interval = rly.get_interval_estimates({"x": [x, y]}, metrics.probability_of_improvement, reps=args.reps,
                                                      random_state=np.random.RandomState(args.seed))
-        rows.append(dict(algo=variant[0], me_coef=f"{variant[1]} vs 0", metric="probability_of_improvement",
-                         value=float(point["x"]), ci_low=float(interval["x"][0, 0]), ci_high=float(interval["x"][1, 0]), games=len(common),
-                         seeds=f"{x.shape[0]} vs {y.shape[0]}"))
+        runs = variants[variant]
+        rows.append(dict(variant=f"{variant} vs {baseline}", algo=runs[0].algo, me_coef=runs[0].k,
+                         metric="probability_of_improvement", value=float(point["x"]), ci_low=float(interval["x"][0, 0]),
+                         ci_high=float(interval["x"][1, 0]), games=len(common), seeds=f"{x.shape[0]} vs {y.shape[0]}"))
     return rows, notes
+
+
+def mean_of(runs: list, key: str) -> float:
+    """The mean over runs of a final_eval.json statistic, NaN where none has it (no evaluation episode finished)."""
+    values = [r.final[key] for r in runs if r.final.get(key) is not None]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def per_game_rows(variants: dict, game_scores: dict):
     rows = []
-    for variant, runs in sorted(variants.items()):
+    for variant, runs in variants.items():
         by_game = collections.defaultdict(list)
         for run in runs:
             if run.final is not None:
@@ -232,10 +275,23 @@ def per_game_rows(variants: dict, game_scores: dict):
             game_runs.sort(key=lambda r: r.seed)
             scores = np.array([r.final["mean"] for r in game_runs])
             random_score, human_score = game_scores[game]
-            rows.append(dict(algo=variant[0], me_coef=variant[1], game=game, seeds=" ".join(str(r.seed) for r in game_runs),
-                             n_seeds=len(game_runs), mean=scores.mean(), std=scores.std(),
-                             human_normalized=float(human_normalized(scores.mean(), game, game_scores)),
-                             random_score=random_score, human_score=human_score))
+            rows.append(dict(variant=variant, algo=runs[0].algo, me_coef=runs[0].k, game=game,
+                             seeds=" ".join(str(r.seed) for r in game_runs), n_seeds=len(game_runs), mean=scores.mean(),
+                             std=scores.std(), human_normalized=float(human_normalized(scores.mean(), game, game_scores)),
+                             random_score=random_score, human_score=human_score,
+                             **{key: mean_of(game_runs, key) for key in OVERESTIMATION}))
+    return rows
+
+
+def overestimation_rows(per_game: list) -> list:
+    """overestimation.csv: per variant and statistic, the median and mean over games of each game's mean over seeds."""
+    rows = []
+    for variant in sorted({r["variant"] for r in per_game}, key=variant_order):
+        for key in OVERESTIMATION:
+            values = np.array([r[key] for r in per_game if r["variant"] == variant and np.isfinite(r[key])])
+            if len(values):
+                rows.append(dict(variant=variant, statistic=key, median_over_games=float(np.median(values)),
+                                 mean_over_games=float(values.mean()), games=len(values)))
     return rows
 
 
@@ -308,23 +364,23 @@ def across_games(runs: list, tag: str, edges):
 # Figures
 # ---------------------------------------------------------------------------
 
-COLORS = {"0": "tab:gray", "|A|": "tab:red"}  # the baseline grey, the paper's k = |A| red
-OTHER_COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink"]  # other k, in order met
-
-
-def color(variant: tuple) -> str:
-    if variant[1] not in COLORS:
-        COLORS[variant[1]] = OTHER_COLORS[(len(COLORS) - 2) % len(OTHER_COLORS)]
-    return COLORS[variant[1]]
-
-
+COLORS = {"DQN": "tab:gray", "IB-DQN(k)": "tab:red", "IB-DQN(1)": "tab:orange", "DQN (RMSprop, Huber)": "black",
+          "IB-DQN (RMSprop, Huber)": "tab:purple", "Dueling DQN": "tab:blue", "RDQ": "tab:green", "IQN": "tab:gray",
+          "IB-IQN": "tab:red"}  # baselines dark, the paper's k = |A| red
+OTHER_COLORS = ["tab:cyan", "tab:olive", "tab:brown", "tab:pink"]  # other variants, in the order met
 LINESTYLES = {"dqn": "-", "iqn": "--"}
+
+
+def color(variant: str) -> str:
+    if variant not in COLORS:
+        COLORS[variant] = OTHER_COLORS[sum(v not in PAPER_VARIANTS.values() for v in COLORS) % len(OTHER_COLORS)]
+    return COLORS[variant]
 
 
 def by_algo(variants: dict) -> dict:
     algos = collections.defaultdict(dict)
-    for variant, runs in sorted(variants.items()):
-        algos[variant[0]][variant] = runs
+    for variant, runs in variants.items():
+        algos[runs[0].algo][variant] = runs
     return algos
 
 
@@ -334,13 +390,14 @@ def save(fig, path: str):
     plt.close(fig)
 
 
-def plot_aggregate(curves: dict, path: str):
-    algos = sorted({v[0] for v in curves})
+def plot_aggregate(curves: dict, variants: dict, path: str):
+    algos = by_algo(variants)
     fig, axes = plt.subplots(1, len(algos), figsize=(5.5 * len(algos), 4), squeeze=False)
-    for ax, algo in zip(axes[0], algos):
-        for variant, (steps, iqm, low, high, _) in sorted(curves.items()):
-            if variant[0] == algo:
-                ax.plot(steps / 1e6, iqm, color=color(variant), label=label(variant))
+    for ax, (algo, algo_variants) in zip(axes[0], sorted(algos.items())):
+        for variant in algo_variants:
+            if variant in curves:
+                steps, iqm, low, high, _ = curves[variant]
+                ax.plot(steps / 1e6, iqm, color=color(variant), label=variant)
                 ax.fill_between(steps / 1e6, low, high, color=color(variant), alpha=0.25)
         ax.set(title=f"{algo.upper()}: IQM human-normalized score (95% CI)", xlabel="agent steps (millions)",
                ylabel="IQM human-normalized score")
@@ -354,7 +411,7 @@ def plot_per_game(variants: dict, path: str):
     rows = -(-len(games) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows + 0.7), squeeze=False)
     for ax, game in zip(axes.flat, games):
-        for variant, runs in sorted(variants.items()):
+        for variant, runs in variants.items():
             curves = [eval_points(r, "eval/episodic_return") for r in runs if r.game == game]
             curves = [c for c in curves if c]
             if not curves:
@@ -364,8 +421,8 @@ def plot_per_game(variants: dict, path: str):
             x = np.array(steps) / 1e6
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a step only some seeds reached
-                ax.plot(x, np.nanmean(table, axis=0), color=color(variant), ls=LINESTYLES.get(variant[0], ":"), lw=1,
-                        label=label(variant))
+                ax.plot(x, np.nanmean(table, axis=0), color=color(variant), ls=LINESTYLES.get(runs[0].algo, ":"), lw=1,
+                        label=variant)
                 ax.fill_between(x, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=color(variant), alpha=0.2)
         ax.set_title(game, fontsize=8)
         ax.tick_params(labelsize=6)
@@ -389,7 +446,7 @@ def plot_across_games(variants: dict, tag: str, title: str, path: str):
         for variant, runs in algo_variants.items():
             curve = across_games(runs, tag, edges)
             if curve is not None:
-                ax.plot(centers, curve[0], color=color(variant), label=label(variant))
+                ax.plot(centers, curve[0], color=color(variant), label=variant)
                 ax.fill_between(centers, curve[1], curve[2], color=color(variant), alpha=0.2)
         ax.set(title=algo.upper(), xlabel="agent steps (millions)", ylabel=title)
         ax.legend()
@@ -403,17 +460,46 @@ def relative_change(me: float, base: float, random_score: float, human_score: fl
     return 100.0 * (me - base) / (max(human_score, base) - random_score)
 
 
-def plot_relative_change(changes: dict, variant: tuple, path: str):
+def plot_relative_change(changes: dict, variant: str, baseline: str, path: str):
     games = sorted(changes, key=changes.get)
     values = [changes[g] for g in games]
     fig, ax = plt.subplots(figsize=(max(7, 0.22 * len(games) + 2), 4))
     ax.bar(games, values, color=["tab:red" if v > 0 else "tab:gray" for v in values])
     ax.set_yscale("symlog", linthresh=10)
     ax.axhline(0, color="black", lw=0.5)
-    ax.set(ylabel="relative change (%)", title=f"{label(variant)} against {variant[0].upper()} k=0, final scores\n"
-           "100 (ME - base) / (max(human, base) - random)")
+    ax.set(ylabel="relative change (%)", title=f"{variant} against {baseline}, final scores\n"
+           "100 (variant - baseline) / (max(human, baseline) - random)")
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     save(fig, path)
+
+
+def plot_final_overestimation(per_game: list, path: str) -> bool:
+    """Per variant, the spread over games of the final evaluation's overestimation and normalized overestimation
+    (each game: the mean over its seeds). Returns False, drawing nothing, where no run has either."""
+    names = sorted({r["variant"] for r in per_game}, key=variant_order)
+    panels = [("overestimation", "overestimation (Q - discounted return)"),
+              ("normalized_overestimation", "normalized overestimation (/ |mean Q|)")]
+    data = {key: [[r[key] for r in per_game if r["variant"] == n and np.isfinite(r[key])] for n in names] for key, _ in panels}
+    if not any(any(d) for d in data.values()):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(names) + 3), 4.5))
+    for ax, (key, title) in zip(axes, panels):
+        shown = [(n, d) for n, d in zip(names, data[key]) if d]
+        box = ax.boxplot([d for _, d in shown], tick_labels=[n for n, _ in shown], patch_artist=True)
+        for patch, (n, _) in zip(box["boxes"], shown):
+            patch.set_facecolor(color(n))
+            patch.set_alpha(0.5)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(title=title, ylabel="over games (each: mean over seeds)")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    fig.suptitle("Final evaluation: the authors' overestimation, per variant", fontsize=9)
+    save(fig, path)
+    return True
+
+
+def slug(name: str) -> str:
+    """A file-name part for a variant name: IB-DQN(k) -> ib_dqn_k."""
+    return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 # ---------------------------------------------------------------------------
@@ -434,8 +520,7 @@ def missing_data(variants: dict, all_games: list, aggregate_notes: dict, curve_n
     """Every gap, as one sentence each: games and seeds not run, runs not finished, data left out."""
     seeds = sorted({r.seed for runs in variants.values() for r in runs})
     lines = []
-    for variant, runs in sorted(variants.items()):
-        name = label(variant)
+    for name, runs in variants.items():
         have = collections.defaultdict(set)
         for run in runs:
             have[run.game].add(run.seed)
@@ -449,22 +534,22 @@ def missing_data(variants: dict, all_games: list, aggregate_notes: dict, curve_n
             if run.final is None:
                 lines.append(f"{name}, {run.game}, seed {run.seed}: unfinished (no final_eval.json; last logged step "
                              f"{run.last_step:,}): in the curves, not in the final scores ({run.path})")
-        lines += [f"{name}, final-score aggregate: {note}" for note in aggregate_notes.get(variant, [])]
-        lines += [f"{name}, IQM curve: {note}" for note in curve_notes.get(variant, [])]
+        lines += [f"{name}, final-score aggregate: {note}" for note in aggregate_notes.get(name, [])]
+        lines += [f"{name}, IQM curve: {note}" for note in curve_notes.get(name, [])]
     lines += [f"not read: {p}" for p in problems]
     return lines
 
 
 def drop_duplicates(runs: list):
-    """One run per (algo, k, game, seed): the one that got furthest. Returns (runs kept, the others as sentences)."""
+    """One run per (variant, game, seed): the one that got furthest. Returns (runs kept, the others as sentences)."""
     groups = collections.defaultdict(list)
     for run in runs:
-        groups[(*run.variant, run.game, run.seed)].append(run)
+        groups[(run.variant, run.game, run.seed)].append(run)
     kept, notes = [], []
     for group in groups.values():
         group.sort(key=lambda r: (r.final is not None, r.last_step, r.path), reverse=True)
         kept.append(group[0])
-        notes += [f"{other.path}: left out, the same algo, k, game and seed as {group[0].path}, which got further "
+        notes += [f"{other.path}: left out, the same variant, game and seed as {group[0].path}, which got further "
                   "(runs of different protocols belong in different --runs-dir folders)" for other in group[1:]]
     return sorted(kept, key=lambda r: r.path), notes
 
@@ -479,6 +564,12 @@ def write_csv(path: str, rows: list, columns: list):
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+GAME_COLUMNS = ["variant", "algo", "me_coef", "game", "seeds", "n_seeds", "mean", "std", "human_normalized", "random_score",
+                "human_score", *OVERESTIMATION]
+AGGREGATE_COLUMNS = ["variant", "algo", "me_coef", "metric", "value", "ci_low", "ci_high", "games", "seeds"]
+OVERESTIMATION_COLUMNS = ["variant", "statistic", "median_over_games", "mean_over_games", "games"]
 
 
 def main(args: Args):
@@ -503,16 +594,16 @@ def main(args: Args):
     runs, duplicates = drop_duplicates(runs)
     problems += duplicates
     os.makedirs(args.out_dir, exist_ok=True)
-    variants = collections.defaultdict(list)
-    for run in runs:
-        variants[run.variant].append(run)
+    variants = {}  # name -> runs, in the paper's order
+    for run in sorted(runs, key=lambda r: variant_order(r.variant)):
+        variants.setdefault(run.variant, []).append(run)
 
     per_game = per_game_rows(variants, game_scores)
-    game_columns = ["algo", "me_coef", "game", "seeds", "n_seeds", "mean", "std", "human_normalized", "random_score", "human_score"]
-    write_csv(os.path.join(args.out_dir, "per_game.csv"), per_game, game_columns)
+    write_csv(os.path.join(args.out_dir, "per_game.csv"), per_game, GAME_COLUMNS)
     aggregates, aggregate_notes = aggregate_rows(variants, game_scores, args)
-    aggregate_columns = ["algo", "me_coef", "metric", "value", "ci_low", "ci_high", "games", "seeds"]
-    write_csv(os.path.join(args.out_dir, "aggregate.csv"), aggregates, aggregate_columns)
+    write_csv(os.path.join(args.out_dir, "aggregate.csv"), aggregates, AGGREGATE_COLUMNS)
+    overestimation = overestimation_rows(per_game)
+    write_csv(os.path.join(args.out_dir, "overestimation.csv"), overestimation, OVERESTIMATION_COLUMNS)
 
     figures = []  # (file, caption)
     curves, curve_notes = {}, {}
@@ -521,9 +612,9 @@ def main(args: Args):
         if curve is not None:
             curves[variant] = curve
     if curves:
-        plot_aggregate(curves, os.path.join(args.out_dir, "aggregate_iqm.png"))
+        plot_aggregate(curves, variants, os.path.join(args.out_dir, "aggregate_iqm.png"))
         figures.append(("aggregate_iqm.png", "IQM human-normalized evaluation score vs agent steps, 95% stratified bootstrap CI. "
-                        + " ".join(f"{label(v)}: {c[4]}." for v, c in sorted(curves.items()))))
+                        + " ".join(f"{v}: {c[4]}." for v, c in curves.items())))
     plot_per_game(variants, os.path.join(args.out_dir, "per_game_curves.png"))
     figures.append(("per_game_curves.png", "Evaluation score (raw game score) of every game vs agent steps."))
     plot_across_games(variants, "metrics/action_gap", "action gap (largest Q - second largest Q)",
@@ -532,22 +623,26 @@ def main(args: Args):
     plot_across_games(variants, "eval/overestimation", "overestimation (predicted Q - discounted return)",
                       os.path.join(args.out_dir, "overestimation.png"))
     figures.append(("overestimation.png", "Overestimation on evaluation episodes vs agent steps (claim 3: less with mean-expansion)."))
-    finals = {(r["algo"], r["me_coef"], r["game"]): r["mean"] for r in per_game}
-    for variant in sorted(variants):
-        if variant[1] == "0" or (variant[0], "0") not in variants:
-            continue
-        changes = {g: relative_change(finals[(*variant, g)], finals[(variant[0], "0", g)], *game_scores[g])
-                   for (a, k, g) in finals if (a, k) == variant and (a, "0", g) in finals}
+    plot_across_games(variants, "eval/normalized_overestimation", "normalized overestimation (/ |mean Q|)",
+                      os.path.join(args.out_dir, "normalized_overestimation.png"))
+    figures.append(("normalized_overestimation.png", "Normalized overestimation on evaluation episodes vs agent steps: "
+                    "the overestimation of each episode divided by the absolute value of its mean Q."))
+    if plot_final_overestimation(per_game, os.path.join(args.out_dir, "overestimation_final.png")):
+        figures.append(("overestimation_final.png", "The final evaluation's overestimation and normalized overestimation per "
+                        "variant: the spread over games of each game's mean over seeds (table: overestimation.csv)."))
+    finals = {(r["variant"], r["game"]): r["mean"] for r in per_game}
+    for variant, baseline in comparisons(variants):
+        changes = {g: relative_change(finals[(variant, g)], finals[(baseline, g)], *game_scores[g])
+                   for (v, g) in finals if v == variant and (baseline, g) in finals}
         if changes:
-            name = f"relative_change_{variant[0]}_k{variant[1].replace('|A|', 'A')}.png"
-            plot_relative_change(changes, variant, os.path.join(args.out_dir, name))
-            figures.append((name, f"Per game, {label(variant)} against {variant[0].upper()} k=0 on the final evaluation "
-                            f"({len(changes)} games with both)."))
+            name = f"relative_change_{slug(variant)}_vs_{slug(baseline)}.png"
+            plot_relative_change(changes, variant, baseline, os.path.join(args.out_dir, name))
+            figures.append((name, f"Per game, {variant} against {baseline} on the final evaluation ({len(changes)} games with both)."))
 
     missing = missing_data(variants, sorted(game_scores), aggregate_notes, curve_notes, problems)
-    summary = [dict(algo=v[0], me_coef=v[1], games=len({r.game for r in rs}), seeds=" ".join(map(str, sorted({r.seed for r in rs}))),
-                    finished=sum(r.final is not None for r in rs), unfinished=sum(r.final is None for r in rs))
-               for v, rs in sorted(variants.items())]
+    summary = [dict(variant=v, algo=rs[0].algo, me_coef=rs[0].k, games=len({r.game for r in rs}),
+                    seeds=" ".join(map(str, sorted({r.seed for r in rs}))), finished=sum(r.final is not None for r in rs),
+                    unfinished=sum(r.final is None for r in rs)) for v, rs in variants.items()]
     report = [
         "# Results",
         "",
@@ -556,23 +651,31 @@ def main(args: Args):
         "",
         "## Runs",
         "",
-        markdown_table(summary, ["algo", "me_coef", "games", "seeds", "finished", "unfinished"]),
+        markdown_table(summary, ["variant", "algo", "me_coef", "games", "seeds", "finished", "unfinished"]),
         "",
         "## Aggregate human-normalized scores (final evaluation)",
         "",
         "Human-normalized score: (score - random) / (human - random), from `atari57.csv`. IQM, median, mean and "
         "optimality gap over the matrix of runs (seeds x games), with 95% stratified bootstrap confidence intervals "
-        f"({args.reps} resamples; rliable). `games` and `seeds` say what each row rests on. The probability of improvement is "
-        "P(mean-expansion > baseline) on a game, averaged over the games both have.",
+        f"({args.reps} resamples; rliable). `games` and `seeds` say what each row rests on. The probability of improvement of "
+        "\"A vs B\" is P(A > B) on a game, averaged over the games both have.",
         "",
-        markdown_table(aggregates, aggregate_columns) if aggregates else "No finished run yet: no final scores.",
+        markdown_table(aggregates, AGGREGATE_COLUMNS) if aggregates else "No finished run yet: no final scores.",
+        "",
+        "## Overestimation (final evaluation)",
+        "",
+        "The authors' measure, per evaluation episode: the mean over its steps of Q(s_t, a_t) - G_t, with G_t the discounted "
+        "return of sign-clipped rewards (bootstrapped where the episode was cut); normalized: divided by |mean Q| of the "
+        "episode. Each game: the mean over its seeds; here the median and mean over games.",
+        "",
+        markdown_table(overestimation, OVERESTIMATION_COLUMNS) if overestimation else "No finished run measured it yet.",
         "",
         "## Figures",
         "",
     ]
     for name, caption in figures:
         report += [f"![{name}]({name})", "", caption, ""]
-    report += ["## Per-game final scores", "", markdown_table(per_game, game_columns) if per_game else "None yet.", "",
+    report += ["## Per-game final scores", "", markdown_table(per_game, GAME_COLUMNS) if per_game else "None yet.", "",
                "## What is missing", ""]
     report += [f"- {line}" for line in missing] or ["Nothing: every variant has every game and seed, all finished."]
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:

@@ -16,18 +16,26 @@ from torch.utils.tensorboard import SummaryWriter  # the writer the scripts log 
 EVAL_INTERVAL = 250_000
 
 
+ROW_SETTINGS = {"dqn": dict(network="nature", optimizer="adam", loss="sse"),
+                "iqn": dict(network="iqn", optimizer="adam", loss="quantile_huber")}  # what the scripts record by default
+
+
 def write_run(root, name, algo, env_id, seed, me_coef=None, final_mean=None, eval_returns=(), action_gaps=(),
-              overestimations=(), eval_interval=EVAL_INTERVAL):
-    """One run directory. me_coef None is the scripts' default k = |A| (18); eval_returns etc. are (step, value) pairs."""
+              overestimations=(), eval_interval=EVAL_INTERVAL, final_overestimation=None, normalized_overestimations=(),
+              **settings):
+    """One run directory. me_coef None is the scripts' default k (|A| = 18; 0 for --network dueling and rdq);
+    eval_returns etc. are (step, value) pairs; settings: network, optimizer, loss where not the algorithm's defaults."""
     run_dir = os.path.join(root, name)
     os.makedirs(run_dir)
-    config = {"algo": algo, "env_id": env_id, "seed": seed, "me_coef": 18.0 if me_coef is None else float(me_coef),
-              "me_coef_default": me_coef is None, "eval_interval": eval_interval, "run_name": name}
+    settings = {**ROW_SETTINGS[algo], **settings}
+    default_k = 18.0 if settings["network"] in ("nature", "iqn") else 0.0
+    config = {"algo": algo, "env_id": env_id, "seed": seed, "me_coef": default_k if me_coef is None else float(me_coef),
+              "me_coef_default": me_coef is None, "eval_interval": eval_interval, "run_name": name, **settings}
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
     writer = SummaryWriter(run_dir)
     for tag, points in (("eval/episodic_return", eval_returns), ("metrics/action_gap", action_gaps),
-                        ("eval/overestimation", overestimations)):
+                        ("eval/overestimation", overestimations), ("eval/normalized_overestimation", normalized_overestimations)):
         for step, value in points:
             writer.add_scalar(tag, value, step)
     writer.close()
@@ -35,7 +43,9 @@ def write_run(root, name, algo, env_id, seed, me_coef=None, final_mean=None, eva
         last = int(max([s for s, _ in eval_returns] + [0]))
         with open(os.path.join(run_dir, "final_eval.json"), "w") as f:
             json.dump({"algo": algo, "env_id": env_id, "seed": seed, "me_coef": config["me_coef"], "total_steps": last,
-                       "scores": [final_mean] * 3, "mean": final_mean, "episodes": 3}, f)
+                       "scores": [final_mean] * 3, "mean": final_mean, "episodes": 3, "overestimation": final_overestimation,
+                       "normalized_overestimation": None if final_overestimation is None else final_overestimation / 10,
+                       "mean_q": None if final_overestimation is None else 10.0}, f)
     return run_dir
 
 
@@ -59,11 +69,13 @@ def make_demo(root, steps=10_000_000, seeds=(1, 2, 3)):
                     final = skill * algo_gain * me_gain * np.exp(rng.normal(0, 0.15))
                     hns = final * (1 - np.exp(-4 * np.array(grid) / steps * me_gain)) + rng.normal(0, 0.03, len(grid))
                     score = random_score + hns * (human_score - random_score)
-                    k = "0" if me_coef == 0 else "default"
-                    write_run(root, f"{game}__{algo}__k{k}__s{seed}", algo, env_id, seed, me_coef,
-                              final_mean=float(score[-1]), eval_returns=list(zip(grid, score)),
-                              action_gaps=[(s, 0.02 * me_gain ** 2 * (1 + s / steps) + rng.normal(0, 0.002)) for s in grid],
-                              overestimations=[(s, 0.8 / me_gain ** 3 * (1 - s / steps / 2) + rng.normal(0, 0.05)) for s in grid])
+                    variant = algo if me_coef == 0 else f"ib_{algo}"  # run_all.sh's names
+                    gaps = [(s, 0.02 * me_gain ** 2 * (1 + s / steps) + rng.normal(0, 0.002)) for s in grid]
+                    over = [(s, 0.8 / me_gain ** 3 * (1 - s / steps / 2) + rng.normal(0, 0.05)) for s in grid]
+                    write_run(root, f"{game}__{variant}__s{seed}", algo, env_id, seed, me_coef,
+                              final_mean=float(score[-1]), eval_returns=list(zip(grid, score)), action_gaps=gaps,
+                              overestimations=over, normalized_overestimations=[(s, v / 10) for s, v in over],
+                              final_overestimation=float(over[-1][1]))
 
 
 if __name__ == "__main__":

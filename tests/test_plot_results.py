@@ -39,8 +39,8 @@ def curve(final):
     return [(250_000, final / 2), (500_000, final)]
 
 
-def aggregate(rows, algo, k, metric):
-    row = next(r for r in rows if (r["algo"], r["me_coef"], r["metric"]) == (algo, k, metric))
+def aggregate(rows, variant, metric):
+    row = next(r for r in rows if (r["variant"], r["metric"]) == (variant, metric))
     return float(row["value"]), float(row["ci_low"]), float(row["ci_high"]), row
 
 
@@ -51,13 +51,13 @@ def test_scores_are_read_from_the_recorded_settings_and_normalized_exactly(tmp_p
     write_run(runs, "pong_dqn_k0_s2", "iqn", "ALE/Breakout-v5", seed=8, final_mean=1.7, eval_returns=curve(1.7))  # random
     write_run(runs, "x", "dqn", "PongNoFrameskip-v4", seed=1, me_coef=0, final_mean=-20.7, eval_returns=curve(-20.7))
     plot(runs, tmp_path / "out")
-    rows = {(r["algo"], r["me_coef"], r["game"]): r for r in read_csv(tmp_path / "out" / "per_game.csv")}
-    assert set(rows) == {("iqn", "|A|", "breakout"), ("dqn", "0", "pong")}
-    breakout = rows[("iqn", "|A|", "breakout")]
+    rows = {(r["variant"], r["algo"], r["me_coef"], r["game"]): r for r in read_csv(tmp_path / "out" / "per_game.csv")}
+    assert set(rows) == {("IB-IQN", "iqn", "|A|", "breakout"), ("DQN", "dqn", "0", "pong")}
+    breakout = rows[("IB-IQN", "iqn", "|A|", "breakout")]
     assert (breakout["seeds"], breakout["n_seeds"]) == ("7 8", "2")
     assert float(breakout["mean"]) == pytest.approx(16.1, abs=1e-12) and float(breakout["std"]) == pytest.approx(14.4, abs=1e-12)
     assert float(breakout["human_normalized"]) == pytest.approx(0.5, abs=1e-12)  # (16.1 - 1.7) / (30.5 - 1.7)
-    assert float(rows[("dqn", "0", "pong")]["human_normalized"]) == 0.0
+    assert float(rows[("DQN", "dqn", "0", "pong")]["human_normalized"]) == 0.0
 
 
 # human-normalized scores of 8 games x 2 seeds, for a hand computation of the aggregates
@@ -89,12 +89,12 @@ def test_aggregates_match_a_hand_computation(tmp_path):
     }
     assert expected["iqm"] == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 + 1.1 + 1.2 + 1.4 + 0.5) / 8)
     for metric, value in expected.items():
-        point, low, high, row = aggregate(rows, "dqn", "0", metric)
+        point, low, high, row = aggregate(rows, "DQN", metric)
         assert point == pytest.approx(value, abs=1e-9), metric
         assert low <= point <= high and (row["games"], row["seeds"]) == ("8", "2")
-    point, low, high, row = aggregate(rows, "dqn", "|A| vs 0", "probability_of_improvement")
+    point, low, high, row = aggregate(rows, "IB-DQN(k) vs DQN", "probability_of_improvement")
     assert (point, low, high) == (1.0, 1.0, 1.0) and row["games"] == "8"
-    assert aggregate(rows, "dqn", "|A|", "optimality_gap")[0] == pytest.approx(0.0, abs=1e-9)  # all above human
+    assert aggregate(rows, "IB-DQN(k)", "optimality_gap")[0] == pytest.approx(0.0, abs=1e-9)  # all above human
 
 
 def test_confidence_intervals_contain_the_estimate_and_shrink_with_more_seeds(tmp_path):
@@ -108,13 +108,13 @@ def test_confidence_intervals_contain_the_estimate_and_shrink_with_more_seeds(tm
     for row in rows:
         assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"]), row
     for metric in ("iqm", "mean"):
-        _, low3, high3, _ = aggregate(rows, "dqn", "0", metric)
-        _, low12, high12, _ = aggregate(rows, "iqn", "0", metric)
+        _, low3, high3, _ = aggregate(rows, "DQN", metric)
+        _, low12, high12, _ = aggregate(rows, "IQN", metric)
         assert high12 - low12 < high3 - low3, metric
 
 
-FIGURES = ["aggregate_iqm.png", "per_game_curves.png", "action_gap.png", "overestimation.png",
-           "relative_change_dqn_kA.png", "relative_change_iqn_kA.png"]
+FIGURES = ["aggregate_iqm.png", "per_game_curves.png", "action_gap.png", "overestimation.png", "normalized_overestimation.png",
+           "overestimation_final.png", "relative_change_ib_dqn_k_vs_dqn.png", "relative_change_ib_iqn_vs_iqn.png"]
 
 
 @pytest.fixture(scope="module")
@@ -133,43 +133,88 @@ def test_every_figure_is_a_valid_png_embedded_in_the_report(demo, tmp_path):
         pixels = image.imread(path)
         assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 0.01, name  # drawn, not blank
         assert f"![{name}]({name})" in report
-    assert "| dqn | \\|A\\| | iqm |" in report  # the aggregate table, |A| escaped for Markdown
+    assert "| IB-DQN(k) | dqn | \\|A\\| | iqm |" in report  # the aggregate table, |A| escaped for Markdown
     assert "Nothing: every variant has every game and seed" not in report  # 49 of the 57 games were never run
-    assert "DQN k=0: no run at all for 49 of 57 games" in report
+    assert "DQN: no run at all for 49 of 57 games" in report
 
 
 def test_partial_results_are_used_and_every_gap_is_named(demo, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(demo / "runs", runs)
     for seed in (1, 2, 3):
-        shutil.rmtree(runs / f"pong__dqn__k0__s{seed}")  # a game never run
-    shutil.rmtree(runs / "breakout__iqn__kdefault__s2")  # a seed missing
-    os.remove(runs / "qbert__dqn__kdefault__s3" / "final_eval.json")  # a run still going
+        shutil.rmtree(runs / f"pong__dqn__s{seed}")  # a game never run
+    shutil.rmtree(runs / "breakout__ib_iqn__s2")  # a seed missing
+    os.remove(runs / "qbert__ib_dqn__s3" / "final_eval.json")  # a run still going
     (runs / "broken").mkdir()
     (runs / "broken" / "config.json").write_text("{ not json")
-    stale = runs / "_batch" / "stale" / "seaquest__dqn__k0__s1.20261124-101010"  # an earlier, unfinished try of a run
-    shutil.copytree(runs / "seaquest__dqn__k0__s1", stale)
+    stale = runs / "_batch" / "stale" / "seaquest__dqn__s1.20261124-101010"  # an earlier, unfinished try of a run
+    shutil.copytree(runs / "seaquest__dqn__s1", stale)
     os.remove(stale / "final_eval.json")
     proc = plot(runs, tmp_path / "out")
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "DQN k=0: no run at all for 50 of 57 games: " in report and "pong" in report.split("DQN k=0: no run at all")[1]
-    assert "IQN k=|A|, breakout: no run for seed(s) [2]" in report
-    assert "IQN k=|A|, final-score aggregate: breakout: only 2 of 3 seeds, left out" in report
-    assert "DQN k=|A|, qbert, seed 3: unfinished (no final_eval.json" in report and "in the curves, not in the final scores" in report
-    assert "DQN k=|A|, final-score aggregate: qbert: only 2 of 3 seeds, left out" in report
+    assert "- DQN: no run at all for 50 of 57 games: " in report and "pong" in report.split("DQN: no run at all")[1]
+    assert "IB-IQN, breakout: no run for seed(s) [2]" in report
+    assert "IB-IQN, final-score aggregate: breakout: only 2 of 3 seeds, left out" in report
+    assert "IB-DQN(k), qbert, seed 3: unfinished (no final_eval.json" in report and "in the curves, not in the final scores" in report
+    assert "IB-DQN(k), final-score aggregate: qbert: only 2 of 3 seeds, left out" in report
     assert f"not read: {runs / 'broken'}: not a readable run" in report
-    assert f"not read: {stale}: left out, the same algo, k, game and seed as {runs / 'seaquest__dqn__k0__s1'}" in report
-    assert "IQN k=|A|, IQM curve: breakout: only 2 of 3 seeds, left out" in report
+    assert f"not read: {stale}: left out, the same variant, game and seed as {runs / 'seaquest__dqn__s1'}" in report
+    assert "IB-IQN, IQM curve: breakout: only 2 of 3 seeds, left out" in report
     rows = read_csv(tmp_path / "out" / "aggregate.csv")
-    assert aggregate(rows, "dqn", "0", "iqm")[3]["games"] == "7"
-    assert aggregate(rows, "iqn", "|A|", "iqm")[3]["games"] == "7"
-    assert aggregate(rows, "dqn", "|A| vs 0", "probability_of_improvement")[3]["games"] == "6"  # games both have whole
+    assert aggregate(rows, "DQN", "iqm")[3]["games"] == "7"
+    assert aggregate(rows, "IB-IQN", "iqm")[3]["games"] == "7"
+    assert aggregate(rows, "IB-DQN(k) vs DQN", "probability_of_improvement")[3]["games"] == "6"  # games both have whole
     per_game = read_csv(tmp_path / "out" / "per_game.csv")
-    qbert = next(r for r in per_game if (r["algo"], r["me_coef"], r["game"]) == ("dqn", "|A|", "qbert"))
+    qbert = next(r for r in per_game if (r["variant"], r["game"]) == ("IB-DQN(k)", "qbert"))
     assert qbert["seeds"] == "1 2"  # the finished seeds still count in the per-game table
-    seaquest = next(r for r in per_game if (r["algo"], r["me_coef"], r["game"]) == ("dqn", "0", "seaquest"))
+    seaquest = next(r for r in per_game if (r["variant"], r["game"]) == ("DQN", "seaquest"))
     assert seaquest["seeds"] == "1 2 3"  # the stale copy of seed 1 is not counted twice
     assert proc.stdout.startswith("92 runs in 4 variants")
+
+
+ROWS = {  # the paper's rows as the scripts record them: (algo, me_coef, settings) -> the name plot_results gives them
+    ("dqn", 0, ()): "DQN",
+    ("dqn", None, ()): "IB-DQN(k)",
+    ("dqn", 1, ()): "IB-DQN(1)",
+    ("dqn", 0, (("optimizer", "rmsprop"), ("loss", "huber"))): "DQN (RMSprop, Huber)",
+    ("dqn", None, (("optimizer", "rmsprop"), ("loss", "huber"))): "IB-DQN (RMSprop, Huber)",
+    ("dqn", None, (("network", "dueling"),)): "Dueling DQN",  # its default k is 0
+    ("dqn", None, (("network", "rdq"), ("loss", "mse"))): "RDQ",
+    ("iqn", 0, ()): "IQN",
+    ("iqn", None, ()): "IB-IQN",
+    ("dqn", 2.5, (("loss", "huber"),)): "DQN k=2.5 (huber)",  # not a row of the paper: named by what differs
+}
+
+
+def test_the_papers_rows_are_named_and_compared_with_their_baselines(tmp_path):
+    runs = tmp_path / "runs"
+    for i, ((algo, k, settings), name) in enumerate(ROWS.items()):
+        for game in ("pong", "breakout"):
+            for seed in (1, 2):
+                final = score_of(game, 0.1 * i + 0.01 * seed)
+                write_run(runs, f"{game}_{i}_{seed}", algo, DEMO_GAMES[game][0], seed, me_coef=k, final_mean=final,
+                          eval_returns=curve(final), final_overestimation=i + seed / 2, **dict(settings))
+    plot(runs, tmp_path / "out")
+    per_game = read_csv(tmp_path / "out" / "per_game.csv")
+    assert [r["variant"] for r in per_game[::2]] == list(ROWS.values())  # in the paper's order, then the others
+    assert {r["me_coef"] for r in per_game if r["variant"] in ("Dueling DQN", "RDQ")} == {"0"}
+    rows = read_csv(tmp_path / "out" / "aggregate.csv")
+    pairs = [r["variant"] for r in rows if r["metric"] == "probability_of_improvement"]
+    assert pairs == ["IB-DQN(k) vs DQN", "IB-DQN(k) vs Dueling DQN", "IB-DQN(k) vs RDQ", "IB-DQN(1) vs DQN",
+                     "IB-DQN (RMSprop, Huber) vs DQN (RMSprop, Huber)", "IB-IQN vs IQN"]
+    assert aggregate(rows, "IB-DQN(k) vs RDQ", "probability_of_improvement")[0] == 0.0  # RDQ (i = 6) scores higher
+    figures = sorted(p.name for p in (tmp_path / "out").glob("relative_change_*.png"))
+    assert figures == sorted(f"relative_change_{name}.png" for name in (
+        "ib_dqn_k_vs_dqn", "ib_dqn_k_vs_dueling_dqn", "ib_dqn_k_vs_rdq", "ib_dqn_1_vs_dqn",
+        "ib_dqn_rmsprop_huber_vs_dqn_rmsprop_huber", "ib_iqn_vs_iqn"))
+    # overestimation: each game's mean over seeds i + 0.5 and i + 1 is i + 0.75; normalized is a tenth of it
+    over = {(r["variant"], r["statistic"]): r for r in read_csv(tmp_path / "out" / "overestimation.csv")}
+    for i, name in enumerate(ROWS.values()):
+        assert float(over[(name, "overestimation")]["median_over_games"]) == pytest.approx(i + 0.75)
+        assert float(over[(name, "normalized_overestimation")]["mean_over_games"]) == pytest.approx((i + 0.75) / 10)
+        assert over[(name, "overestimation")]["games"] == "2"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Overestimation (final evaluation)" in report and "| RDQ | overestimation | 6.750 |" in report
 
 
 def test_variants_with_no_game_in_common_get_no_probability_of_improvement(tmp_path):
@@ -179,7 +224,7 @@ def test_variants_with_no_game_in_common_get_no_probability_of_improvement(tmp_p
     plot(runs, tmp_path / "out")
     assert "probability_of_improvement" not in (tmp_path / "out" / "aggregate.csv").read_text()
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "DQN k=|A|, final-score aggregate: no game finished by both it and DQN k=0: no probability of improvement" in report
+    assert "IB-DQN(k), final-score aggregate: no game finished by both it and DQN: no probability of improvement" in report
 
 
 @pytest.mark.parametrize("runs_dir,args,message", [
