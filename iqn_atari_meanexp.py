@@ -15,11 +15,15 @@ everything else is IQN as PFRL's Atari reproduction runs it (defaults = that pro
 README.md). Environment, replay buffer, evaluation and logging are word for word those of
 dqn_atari_meanexp.py.
 
-Layout: Args -> environment -> mean-expansion head and network -> replay buffer ->
-loss and update -> evaluation -> logging -> training loop.
+How to read this script, top to bottom: Args (every flag; the defaults are the paper's protocol);
+the mean-expansion head and the network; the environment; the replay buffer; the loss and the update;
+evaluation; the training loop (`main` and `train`: act, step, store, learn, sync the target, log,
+evaluate). The last section, the long-run machinery (checking flags, checkpoints and exact resume,
+signals, the run directory), keeps multi-day runs safe and can be skipped on a first reading.
 """
 
 import atexit
+import collections
 import copy
 import dataclasses
 import difflib
@@ -41,13 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from stable_baselines3.common.atari_wrappers import (
-    EpisodicLifeEnv,
-    FireResetEnv,
-    MaxAndSkipEnv,
-    NoopResetEnv,
-    WarpFrame,
-)
+from stable_baselines3.common.atari_wrappers import EpisodicLifeEnv, FireResetEnv, MaxAndSkipEnv, NoopResetEnv, WarpFrame
 from torch.utils.tensorboard import SummaryWriter
 
 gym.register_envs(ale_py)  # makes the ALE/... and ...NoFrameskip-v4 ids known to gymnasium
@@ -159,227 +157,9 @@ class Args:
 FIXED_SETTINGS = {"loss": "quantile_huber", "optimizer": "adam", "network": "iqn"}  # what config.json records besides the flags
 
 
-def algo_errors(args: Args) -> list:
-    """The checks of this algorithm's own flags (check_args below does the rest)."""
-    positive = ("num_tau_samples", "num_tau_prime_samples", "num_quantile_samples", "quantile_embedding_dim", "kappa")
-    return [f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})" for name in positive if not getattr(args, name) > 0]
-
-
-# ---------------------------------------------------------------------------
-# Checking the command line: every mistake is reported before anything is allocated
-# ---------------------------------------------------------------------------
-
-
-def check_args(args: Args) -> list:
-    """Returns one message per bad setting (empty when all are fine)."""
-    errors = []
-    if args.env_id not in gym.registry:
-        close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
-        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5 or BreakoutNoFrameskip-v4"
-        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
-    elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
-        errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
-    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
-                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "optimizer_eps",
-                "progress_interval"]
-    non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
-    probabilities = ["start_e", "end_e", "eval_epsilon"]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            errors.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in non_negative:
-        if not getattr(args, name) >= 0:
-            errors.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    for name in probabilities:
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            errors.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
-    if not 0.0 <= args.sticky_action_prob < 1.0:
-        errors.append(f"--sticky-action-prob must be in [0, 1) (got {args.sticky_action_prob})")
-    if not 0.0 < args.gamma <= 1.0:
-        errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
-    if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
-        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}")
-    if args.batch_size > args.learning_starts:
-        errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
-                      "the first update would sample more transitions than the buffer holds")
-    if args.num_envs > 0 and args.buffer_size < ReplayBuffer.MIN_SLOTS_PER_ENV * args.num_envs:
-        errors.append(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs "
-                      f"(at least {ReplayBuffer.MIN_SLOTS_PER_ENV} per env)")
-    if args.batch_size > args.buffer_size > 0:
-        errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.run_name is not None and (not args.run_name or "/" in args.run_name or args.run_name in (".", "..")):
-        errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
-    if args.capture_video and importlib.util.find_spec("moviepy") is None:
-        errors.append("--capture-video needs moviepy: pip install moviepy")
-    return errors + algo_errors(args)
-
-
-RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "progress_interval", "cuda", "save_model",
-                     "compile")
-CHECKPOINT = "checkpoint.pt"  # in the run directory
-
-
-def read_config(run_dir: str) -> Optional[dict]:
-    """The settings a run recorded in its config.json, or None where there is no readable one."""
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and "algo" in config else None
-
-
-def parse_args(argv=None) -> Args:
-    """The command line. With --resume RUN_DIR, the flags not given take the run's saved settings, not the defaults."""
-    args = tyro.cli(Args, args=argv)
-    config = read_config(args.resume) if args.resume is not None else None
-    if config is None:
-        return args  # main() explains what is wrong with --resume
-    saved = {field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config}
-    return tyro.cli(Args, args=argv, default=Args(**{**saved, "resume": args.resume}))
-
-
-def check_resume(args: Args) -> list:
-    """Returns one message per reason --resume cannot continue the run (empty when it can)."""
-    run_dir = args.resume
-    if not os.path.isdir(run_dir):
-        return [f"--resume {run_dir!r}: no such directory"]
-    config = read_config(run_dir)
-    if config is None:
-        return [f"--resume {run_dir!r} is not a run directory of these scripts (no readable config.json)"]
-    if config["algo"] != ALGO:
-        return [f"--resume {run_dir!r} is a {config['algo'].upper()} run: resume it with {config['algo']}_atari_meanexp.py"]
-    errors = []
-    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-        errors.append(f"--resume {run_dir!r} has no {CHECKPOINT} (the run stopped before its first one): "
-                      "remove or rename the directory, then start the run again")
-    may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE)
-    for name in (field.name for field in dataclasses.fields(Args)):
-        if name in config and name not in (*RESUME_MAY_CHANGE, "resume") and getattr(args, name) != config[name]:
-            errors.append(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run's {config[name]}: "
-                          f"a resumed run keeps its settings (only {may_change} may change)")
-    return errors
-
-
-def available_memory_bytes() -> int:
-    """Memory this process can still get: the machine's MemAvailable, or less where a cgroup
-    (a container, a SLURM job) sets a lower limit."""
-    def read_int(path):
-        try:
-            with open(path) as f:
-                return int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None  # no such file, or "max": no limit
-
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit, usage in [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]:
-        limit, usage = read_int(f"/sys/fs/cgroup/{limit}"), read_int(f"/sys/fs/cgroup/{usage}")
-        if limit is not None and usage is not None:
-            free = min(free, limit - usage)
-    return free
-
-
-# ---------------------------------------------------------------------------
-# Environment: gymnasium + ale-py, preprocessed with Stable-Baselines3's Atari wrappers
-# ---------------------------------------------------------------------------
-
-
-def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = "", evaluation: bool = False):
-    """Returns a thunk building one preprocessed env: 84x84 grayscale frames, stacked 4 deep.
-
-    Rewards stay raw (the learner clips them to their sign), so logged returns are game scores.
-    """
-
-    def thunk():
-        env = gym.make(
-            args.env_id,
-            frameskip=1,  # frame skipping (with max-pooling) is done by MaxAndSkipEnv below
-            repeat_action_probability=0.0,  # sticky actions come from StickyAction below
-            full_action_space=args.full_action_space,
-            max_num_frames_per_episode=0,  # no ALE frame limit: TimeLimit below counts agent steps
-            render_mode="rgb_array" if capture_video else None,
-        )
-        if args.sticky_action_prob > 0:  # per frame, like ALE's own (Machado et al. 2018), but the action it repeats is
-            env = gym.wrappers.StickyAction(env, args.sticky_action_prob)  # Python state a checkpoint saves (ALE's is not)
-        if capture_video:
-            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"))
-        if args.noop_max > 0:
-            env = NoopResetEnv(env, noop_max=args.noop_max)
-        env = MaxAndSkipEnv(env, skip=args.frame_skip)
-        env = gym.wrappers.TimeLimit(env, max_episode_steps=args.max_episode_steps)  # truncation, not termination
-        env = gym.wrappers.RecordEpisodeStatistics(env)  # whole-game raw score and length, in info["episode"]
-        if args.episodic_life and not evaluation:
-            env = EpisodicLifeEnv(env)
-        if args.fire_reset and "FIRE" in env.unwrapped.get_action_meanings():
-            env = FireResetEnv(env)
-        env = WarpFrame(env)  # 84x84 grayscale, shape (84, 84, 1)
-        env = gym.wrappers.ReshapeObservation(env, (84, 84))
-        env = gym.wrappers.FrameStackObservation(env, 4)  # (4, 84, 84); an episode's first frame pads its first stacks
-        env = SnapshotEnv(env)
-        env.action_space.seed(seed)
-        return env
-
-    return thunk
-
-
-class SnapshotEnv(gym.Wrapper):
-    """The outermost wrapper: `env.snapshot` is the whole env's state as bytes, and assigning it restores
-    that state, so a resumed run plays on exactly as if never stopped. (A property, so that a vector env
-    reaches it in its worker processes with get_attr and set_attr.)"""
-
-    @property
-    def snapshot(self) -> bytes:
-        layers, env = [], self.env
-        while env is not env.unwrapped:  # every wrapper's own state: frame stack, step counts, lives, returns, ...
-            state = {name: value for name, value in vars(env).items() if name != "env" and not callable(value)}
-            layers.append({} if isinstance(env, gym.wrappers.RecordVideo) else state)  # a clip being recorded is not resumed
-            env = env.env
-        game = env.clone_state(include_rng=True)  # the emulator, with its RNG
-        return pickle.dumps((layers, game, env.np_random.bit_generator.state, env.action_space.np_random.bit_generator.state))
-
-    @snapshot.setter
-    def snapshot(self, data: bytes):
-        layers, game, np_random, action_space_random = pickle.loads(data)
-        env = self.env
-        for layer in layers:
-            vars(env).update(layer)
-            env = env.env
-        env.restore_state(game)
-        env.np_random.bit_generator.state = np_random  # the no-op starts draw from it
-        env.action_space.np_random.bit_generator.state = action_space_random
-
-
-def leave_signals_to_main_process(thunk):
-    """Wraps an env thunk for a worker process: SIGINT, SIGTERM and SIGUSR1 are for the main process,
-    which checkpoints and then closes its workers."""
-    main_pid = os.getpid()
-
-    def worker_thunk():
-        if os.getpid() != main_pid:  # AsyncVectorEnv also calls a thunk in the main process, to read the spaces
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
-        return thunk()
-
-    return worker_thunk
-
-
-def make_train_envs(args: Args, run_dir: str):
-    """N training envs stepped together. Autoreset is NEXT_STEP: the step after an episode ends
-    returns the new episode's first observation (its action is ignored) instead of a transition."""
-    thunks = [make_env(args, args.seed + i, args.capture_video and i == 0, run_dir) for i in range(args.num_envs)]
-    if args.num_envs == 1:
-        return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-    thunks = [leave_signals_to_main_process(thunk) for thunk in thunks]
-    return gym.vector.AsyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-
-
-# ---------------------------------------------------------------------------
-# The mean-expansion head and the network
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# The mean-expansion head and the networks
+# ===========================================================================
 
 
 def mean_expansion(values: torch.Tensor, coef: float) -> torch.Tensor:
@@ -435,9 +215,62 @@ def default_me_coef(args: Args, n_actions: int) -> float:
     return float(n_actions)
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# Environment: gymnasium + ale-py, preprocessed with Stable-Baselines3's Atari wrappers
+# ===========================================================================
+
+
+def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = "", evaluation: bool = False):
+    """Returns a thunk building one preprocessed env: 84x84 grayscale frames, stacked 4 deep.
+
+    Rewards stay raw (the learner clips them to their sign), so logged returns are game scores.
+    """
+
+    def thunk():
+        env = gym.make(
+            args.env_id,
+            frameskip=1,  # frame skipping (with max-pooling) is done by MaxAndSkipEnv below
+            repeat_action_probability=0.0,  # sticky actions come from StickyAction below
+            full_action_space=args.full_action_space,
+            max_num_frames_per_episode=0,  # no ALE frame limit: TimeLimit below counts agent steps
+            render_mode="rgb_array" if capture_video else None,
+        )
+        if args.sticky_action_prob > 0:  # per frame, like ALE's own (Machado et al. 2018), but the action it repeats is
+            env = gym.wrappers.StickyAction(env, args.sticky_action_prob)  # Python state a checkpoint saves (ALE's is not)
+        if capture_video:
+            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"))
+        if args.noop_max > 0:
+            env = NoopResetEnv(env, noop_max=args.noop_max)
+        env = MaxAndSkipEnv(env, skip=args.frame_skip)
+        env = gym.wrappers.TimeLimit(env, max_episode_steps=args.max_episode_steps)  # truncation, not termination
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # whole-game raw score and length, in info["episode"]
+        if args.episodic_life and not evaluation:
+            env = EpisodicLifeEnv(env)
+        if args.fire_reset and "FIRE" in env.unwrapped.get_action_meanings():
+            env = FireResetEnv(env)
+        env = WarpFrame(env)  # 84x84 grayscale, shape (84, 84, 1)
+        env = gym.wrappers.ReshapeObservation(env, (84, 84))
+        env = gym.wrappers.FrameStackObservation(env, 4)  # (4, 84, 84); an episode's first frame pads its first stacks
+        env = SnapshotEnv(env)
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
+def make_train_envs(args: Args, run_dir: str):
+    """N training envs stepped together. Autoreset is NEXT_STEP: the step after an episode ends
+    returns the new episode's first observation (its action is ignored) instead of a transition."""
+    thunks = [make_env(args, args.seed + i, args.capture_video and i == 0, run_dir) for i in range(args.num_envs)]
+    if args.num_envs == 1:
+        return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    thunks = [leave_signals_to_main_process(thunk) for thunk in thunks]
+    return gym.vector.AsyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+# ===========================================================================
 # Replay buffer: each 84x84 frame stored once, 4-frame stacks rebuilt when sampling
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 
 class Batch(NamedTuple):
@@ -461,14 +294,10 @@ class ReplayBuffer:
 
     STACK = 4
     MIN_SLOTS_PER_ENV = 2 * STACK  # a smaller ring could hold no whole transition after wrapping
-    FIELDS = {  # per-slot bookkeeping besides the frame: name -> dtype
-        "actions": np.uint8,  # Atari has at most 18 actions
-        "rewards": np.float32,
-        "terminated": np.bool_,
-        "truncated": np.bool_,
-        "history": np.uint8,
-        "valid": np.bool_,  # a sampleable transition starts here: its next frame is stored, its stack intact
-    }
+    # per-slot bookkeeping besides the frame (actions: Atari has at most 18; valid: a sampleable transition starts
+    # here, its next frame stored and its stack intact)
+    FIELDS = {"actions": np.uint8, "rewards": np.float32, "terminated": np.bool_, "truncated": np.bool_, "history": np.uint8,
+              "valid": np.bool_}
 
     @classmethod
     def bytes_needed(cls, capacity: int, num_envs: int, frame_shape=(84, 84)) -> int:
@@ -553,9 +382,9 @@ class ReplayBuffer:
         )
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Loss and update: the learning algorithm itself, which the mean-expansion head does not change
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 
 def action_gap(q: torch.Tensor) -> torch.Tensor:
@@ -612,15 +441,9 @@ def make_optimizer(args: Args, network: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.optimizer_eps, fused=True)
 
 
-# ---------------------------------------------------------------------------
-# Evaluation: raw game scores and overestimation, on an env of its own
-# ---------------------------------------------------------------------------
-
-
-def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
-    if duration <= 0:
-        return end_e
-    return start_e + (end_e - start_e) * min(t / duration, 1.0)
+# ===========================================================================
+# Evaluation: raw game scores and the authors' overestimation, on an env of its own
+# ===========================================================================
 
 
 def discounted_returns(rewards, gamma: float, bootstrap: float = 0.0) -> np.ndarray:
@@ -688,9 +511,559 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
 EVAL_STATISTICS = ("overestimation", "normalized_overestimation", "mean_q", "mean_return", "mean_discounted_return")
 
 
-# ---------------------------------------------------------------------------
-# Logging and checkpoints
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# The training loop
+# ===========================================================================
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    if duration <= 0:
+        return end_e
+    return start_e + (end_e - start_e) * min(t / duration, 1.0)
+
+
+@dataclass
+class LoopState:
+    """Everything the training loop carries from one step to the next: a checkpoint saves it, a resume restores it."""
+
+    obs: np.ndarray  # the envs' current observations (num_envs, 4, 84, 84)
+    starting: np.ndarray  # envs whose next step() is an autoreset, not a transition
+    sums: torch.Tensor  # loss, Q, action gap summed on the device between log points
+    bad_step: torch.Tensor  # the first step whose loss or Q was not finite (-1: none), read at log points
+    update_origin: tuple  # (step, updates): one update per train_frequency agent steps after that step
+    global_step: int = 0
+    updates: int = 0
+    logged_updates: int = 0  # the updates up to the last log point
+    episodes: int = 0
+    evaluations: int = 0
+    recent_returns: list = dataclasses.field(default_factory=list)  # the last 20 training scores, for the progress line
+    best_score: float = -float("inf")  # the best periodic evaluation: the final evaluation plays its network
+    best_state: Optional[dict] = None
+    best_step: Optional[int] = None
+
+
+@dataclass
+class Parts:
+    """What the loop works with besides its state (a checkpoint holds these too)."""
+
+    q_network: nn.Module
+    target_network: nn.Module
+    optimizer: torch.optim.Optimizer
+    rb: ReplayBuffer
+    envs: gym.vector.VectorEnv
+    eval_env: gym.Env
+    rng: np.random.Generator  # exploration draws
+    eval_rng: np.random.Generator  # the evaluation's epsilon draws
+
+
+def main(args: Args):
+    """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
+    run = Run.start(args)  # checks, run directory, config.json, TensorBoard, signals: the machinery at the end
+    if run is None:
+        return  # a finished run: nothing to do
+    q_network = make_network(args, run.n_actions, run.me_coef).to(run.device)
+    target_network = copy.deepcopy(q_network)
+    if args.compile:  # in place: state_dicts keep their keys; one static graph per batch shape (acting, evaluation, training)
+        q_network.compile(dynamic=False)
+        target_network.compile(dynamic=False)
+    envs = make_train_envs(args, run.dir)
+    atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
+    eval_env = make_env(args, run.eval_seed, evaluation=True)()
+    eval_env.reset(seed=run.eval_seed)  # seeds the eval games once; later resets continue its RNG
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, run.device, seed=args.seed)
+    parts = Parts(q_network, target_network, make_optimizer(args, q_network), rb, envs, eval_env,
+                  rng=np.random.default_rng(args.seed), eval_rng=np.random.default_rng(run.eval_seed))
+    obs, _ = envs.reset(seed=args.seed)
+    state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=run.device),
+                      bad_step=torch.tensor(-1, device=run.device), update_origin=(args.learning_starts, 0))
+    if run.resumed is None:
+        rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))  # each env's first frame
+    state = run.begin(state, parts)  # a resumed run: the checkpoint's state; a new one: a first checkpoint
+    print(f"{ALGO} k={run.me_coef:g} on {args.env_id} ({run.n_actions} actions), {args.num_envs} env(s), "
+          f"device {run.device}, logs in {run.dir}")
+    train(args, run, parts, state)
+    final_evaluation(args, run, parts, state)
+
+
+def train(args: Args, run: "Run", p: Parts, state: LoopState):
+    """Act, step, store, learn, sync the target, log, evaluate, until --total-timesteps (checkpointing on the way)."""
+    while state.global_step < args.total_timesteps:
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, state.global_step)
+        actions = act(p.q_network, state.obs, epsilon, p.rng, run.n_actions, run.device)
+        next_obs, rewards, terminated, truncated, infos = p.envs.step(actions)
+        p.rb.add(next_obs[:, -1], state.starting, actions, rewards, terminated, truncated)
+        before = state.global_step
+        state.global_step += int((~state.starting).sum())  # an autoreset step moves no game forward
+        state.starting, state.obs = terminated | truncated, next_obs
+        record_episodes(run.writer, infos, state)
+
+        learn(args, p, state)
+        if crossed(before, state.global_step, args.target_network_frequency):
+            p.target_network.load_state_dict(p.q_network.state_dict())
+        if crossed(before, state.global_step, args.log_interval):
+            log_training(run, p, state, epsilon)
+        if crossed(before, state.global_step, args.eval_interval):
+            periodic_evaluation(args, run, p, state)
+        run.report_progress(state)
+        run.checkpoint_when_due(before, state, p)
+    run.end_training(state, p)
+
+
+def act(q_network: nn.Module, obs: np.ndarray, epsilon: float, rng, n_actions: int, device) -> np.ndarray:
+    """Epsilon-greedy, one coin per env; the network runs only when some env acts greedily."""
+    actions = rng.integers(n_actions, size=len(obs))
+    greedy = rng.random(len(obs)) >= epsilon
+    if greedy.any():
+        with torch.no_grad():
+            q = q_network.q_values(torch.as_tensor(obs, device=device))
+        actions = np.where(greedy, q.argmax(dim=1).cpu().numpy(), actions)
+    return actions
+
+
+def record_episodes(writer: SummaryWriter, infos: dict, state: LoopState):
+    """Logs the score and length of each training game that ended this step."""
+    if "episode" in infos:
+        for i in np.flatnonzero(infos["_episode"]):
+            writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], state.global_step)
+            writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], state.global_step)
+            state.recent_returns = (state.recent_returns + [float(infos["episode"]["r"][i])])[-20:]
+            state.episodes += 1
+
+
+def learn(args: Args, p: Parts, state: LoopState):
+    """The updates now due: updates per agent step stay 1/train_frequency whatever the number of envs."""
+    origin_step, origin_updates = state.update_origin
+    if state.global_step <= origin_step:
+        return
+    while state.updates < origin_updates + (state.global_step - origin_step) // args.train_frequency:
+        stats = torch.stack(update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args))
+        state.sums += stats
+        state.bad_step = torch.where((state.bad_step < 0) & ~stats.isfinite().all(), state.global_step, state.bad_step)  # no sync
+        state.updates += 1
+
+
+def log_training(run: "Run", p: Parts, state: LoopState, epsilon: float):
+    """TensorBoard: means over the updates since the last point (.tolist() is the one device sync), rate, epsilon."""
+    step, writer = state.global_step, run.writer
+    if state.updates > state.logged_updates:
+        loss, q_mean, gap = (state.sums / (state.updates - state.logged_updates)).tolist()
+        run.check_finite(state, p)
+        writer.add_scalar("losses/td_loss", loss, step)
+        writer.add_scalar("losses/q_values", q_mean, step)
+        writer.add_scalar("metrics/action_gap", gap, step)
+        state.sums.zero_()
+        state.logged_updates = state.updates
+    writer.add_scalar("charts/SPS", run.progress.training_rate(step), step)
+    writer.add_scalar("charts/epsilon", epsilon, step)
+    writer.add_scalar("charts/updates", state.updates, step)
+
+
+def periodic_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
+    """Evaluates the online network and keeps the best one, which the protocol's final evaluation plays."""
+    started = time.time()
+    result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng, max_steps=args.eval_steps)
+    run.progress.eval_time += time.time() - started  # not training time
+    state.evaluations += 1
+    score = float(np.mean(result["scores"]))
+    run.writer.add_scalar("eval/episodic_return", score, state.global_step)
+    for key in EVAL_STATISTICS + ("truncated_episodes",):
+        if result[key] is not None:  # None: no episode finished within --eval-steps
+            run.writer.add_scalar(f"eval/{key}", result[key], state.global_step)
+    if score > state.best_score:
+        state.best_score, state.best_state, state.best_step = score, copy.deepcopy(p.q_network.state_dict()), state.global_step
+    over = "n/a (no episode finished)" if result["overestimation"] is None else f"{result['overestimation']:.3f}"
+    print(f"evaluation {state.evaluations} at step {state.global_step:,}: mean score {score:.1f} over "
+          f"{len(result['scores'])} episodes, overestimation {over}")
+
+
+def final_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
+    """The best network (the last one without periodic evaluations) plays --final-eval-episodes games: final_eval.json."""
+    if args.save_model:
+        torch.save(p.q_network.state_dict(), os.path.join(run.dir, f"{args.exp_name}.cleanrl_model"))
+        if state.best_state is not None:
+            torch.save(state.best_state, os.path.join(run.dir, f"{args.exp_name}_best.cleanrl_model"))
+    best = state.best_state is not None
+    if best:
+        p.q_network.load_state_dict(state.best_state)
+    result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng,
+                      max_episodes=args.final_eval_episodes)
+    p.eval_env.close()
+    scores = result["scores"]
+    run.finish({
+        "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "me_coef": run.me_coef, "total_steps": state.global_step,
+        "network": f"best periodic evaluation (step {state.best_step})" if best else "final",
+        "network_step": state.best_step if best else state.global_step, "epsilon": args.eval_epsilon,
+        "episodes": len(scores), "scores": scores, "lengths": result["lengths"], "mean": float(np.mean(scores)),
+        "median": float(np.median(scores)), "std": float(np.std(scores)),
+        **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)},
+    })
+
+
+# ===========================================================================
+# The long-run machinery: a first reader may skip it. Checking the command line, resuming,
+# checkpoints, signals, the run directory and its files
+# ===========================================================================
+
+
+def algo_errors(args: Args) -> list:
+    """The checks of this algorithm's own flags (check_args below does the rest)."""
+    positive = ("num_tau_samples", "num_tau_prime_samples", "num_quantile_samples", "quantile_embedding_dim", "kappa")
+    return [f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})" for name in positive if not getattr(args, name) > 0]
+
+
+def check_args(args: Args) -> list:
+    """Returns one message per bad setting (empty when all are fine)."""
+    errors = []
+    if args.env_id not in gym.registry:
+        close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5 or BreakoutNoFrameskip-v4"
+        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
+    elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
+        errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
+    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
+                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "optimizer_eps",
+                "progress_interval"]
+    non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
+    probabilities = ["start_e", "end_e", "eval_epsilon"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            errors.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    for name in non_negative:
+        if not getattr(args, name) >= 0:
+            errors.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    for name in probabilities:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            errors.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
+    if not 0.0 <= args.sticky_action_prob < 1.0:
+        errors.append(f"--sticky-action-prob must be in [0, 1) (got {args.sticky_action_prob})")
+    if not 0.0 < args.gamma <= 1.0:
+        errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
+    if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
+        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}")
+    if args.batch_size > args.learning_starts:
+        errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
+                      "the first update would sample more transitions than the buffer holds")
+    if args.num_envs > 0 and args.buffer_size < ReplayBuffer.MIN_SLOTS_PER_ENV * args.num_envs:
+        errors.append(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs "
+                      f"(at least {ReplayBuffer.MIN_SLOTS_PER_ENV} per env)")
+    if args.batch_size > args.buffer_size > 0:
+        errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
+    if args.run_name is not None and (not args.run_name or "/" in args.run_name or args.run_name in (".", "..")):
+        errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        errors.append("--capture-video needs moviepy: pip install moviepy")
+    return errors + algo_errors(args)
+
+
+RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "progress_interval", "cuda", "save_model",
+                     "compile")
+
+
+CHECKPOINT = "checkpoint.pt"  # in the run directory
+
+
+def read_config(run_dir: str) -> Optional[dict]:
+    """The settings a run recorded in its config.json, or None where there is no readable one."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "algo" in config else None
+
+
+def parse_args(argv=None) -> Args:
+    """The command line. With --resume RUN_DIR, the flags not given take the run's saved settings, not the defaults."""
+    args = tyro.cli(Args, args=argv)
+    config = read_config(args.resume) if args.resume is not None else None
+    if config is None:
+        return args  # main() explains what is wrong with --resume
+    saved = {field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config}
+    return tyro.cli(Args, args=argv, default=Args(**{**saved, "resume": args.resume}))
+
+
+def check_resume(args: Args) -> list:
+    """Returns one message per reason --resume cannot continue the run (empty when it can)."""
+    run_dir = args.resume
+    if not os.path.isdir(run_dir):
+        return [f"--resume {run_dir!r}: no such directory"]
+    config = read_config(run_dir)
+    if config is None:
+        return [f"--resume {run_dir!r} is not a run directory of these scripts (no readable config.json)"]
+    if config["algo"] != ALGO:
+        return [f"--resume {run_dir!r} is a {config['algo'].upper()} run: resume it with {config['algo']}_atari_meanexp.py"]
+    errors = []
+    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        errors.append(f"--resume {run_dir!r} has no {CHECKPOINT} (the run stopped before its first one): "
+                      "remove or rename the directory, then start the run again")
+    may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE)
+    for name in (field.name for field in dataclasses.fields(Args)):
+        if name in config and name not in (*RESUME_MAY_CHANGE, "resume") and getattr(args, name) != config[name]:
+            errors.append(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run's {config[name]}: "
+                          f"a resumed run keeps its settings (only {may_change} may change)")
+    return errors
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still get: the machine's MemAvailable, or less where a cgroup
+    (a container, a SLURM job) sets a lower limit."""
+    def read_int(path):
+        try:
+            with open(path) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None  # no such file, or "max": no limit
+
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, usage in [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]:
+        limit, usage = read_int(f"/sys/fs/cgroup/{limit}"), read_int(f"/sys/fs/cgroup/{usage}")
+        if limit is not None and usage is not None:
+            free = min(free, limit - usage)
+    return free
+
+
+class Run:
+    """One run's directory, config.json, TensorBoard writer, progress line, checkpoints and signals."""
+
+    @classmethod
+    def start(cls, args: Args) -> Optional["Run"]:
+        """Checks everything before anything is written; None where a resumed run is already finished."""
+        errors = check_args(args) + (check_resume(args) if args.resume is not None else [])
+        if errors:
+            fail(errors)
+        resumed = None  # the checkpoint we continue from: its tensors stay in the file (mmap) until copied into place
+        if args.resume is not None:
+            resumed = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=False, mmap=True)
+            if resumed["global_step"] > args.total_timesteps:
+                fail([f"--total-timesteps {args.total_timesteps} is below the {resumed['global_step']} steps the run has done"])
+            if resumed["global_step"] == args.total_timesteps and os.path.exists(os.path.join(args.resume, "final_eval.json")):
+                print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
+                      "(a larger --total-timesteps extends it)")
+                return None
+        return cls(args, resumed)
+
+    def __init__(self, args: Args, resumed: Optional[dict]):
+        self.args, self.resumed = args, resumed
+        probe = make_env(args, args.seed)()  # one env to learn |A| before anything large is allocated
+        self.n_actions = int(probe.action_space.n)
+        probe.close()
+        self.me_coef = default_me_coef(args, self.n_actions) if args.me_coef is None else float(args.me_coef)
+        check_memory(args)
+        if resumed is None:
+            run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{self.me_coef:g}__{args.seed}__{int(time.time())}"
+            self.dir = os.path.join("runs", run_name)
+            if os.path.exists(self.dir):
+                fail([f"run directory {self.dir} already exists; choose another --run-name (nothing was overwritten)"])
+        else:
+            self.dir, run_name = args.resume, args.run_name
+        self.checkpoint_path = os.path.join(self.dir, CHECKPOINT)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.eval_seed = 2**31 - 1 - args.seed  # the authors' evaluation seed
+
+        self.stop_signals = []  # SIGTERM or SIGUSR1 (a batch system's warning): checkpoint and exit at the next safe point
+        self.previous_handlers = {sig: signal.signal(sig, lambda signum, frame: self.stop_signals.append(signum))
+                                  for sig in (signal.SIGTERM, signal.SIGUSR1)}  # from before the run directory exists
+        settings = effective_settings(args, run_name, self.n_actions, self.me_coef, self.device)
+        if resumed is None:
+            os.makedirs(self.dir)
+        else:  # the first command stays; each resume is recorded after it
+            previous = read_config(self.dir)
+            resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"], "device": str(self.device)}
+            # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
+            settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
+                            resumes=previous.get("resumes", []) + [resume])
+        write_json(os.path.join(self.dir, "config.json"), settings)
+        # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
+        self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
+        if resumed is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+        self.checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
+        self.checkpoint_due = False
+
+    def begin(self, state: LoopState, p: Parts) -> LoopState:
+        """The state the loop starts from: a resumed run's, restored exactly; a new run's, checkpointed at once."""
+        if self.resumed is not None:
+            state = self.restore(state, p)
+        else:
+            self.checkpoint(state, p)  # a run killed before its first periodic checkpoint can still be resumed
+        self.progress = Progress(self.args, state.global_step, time.time())
+        return state
+
+    def restore(self, state: LoopState, p: Parts) -> LoopState:
+        """Continues exactly where the checkpoint left off."""
+        saved, args = self.resumed, self.args
+        copy_out = lambda t: t.to(self.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
+        state = LoopState(**{field.name: saved[field.name] for field in dataclasses.fields(LoopState)})
+        state.sums, state.bad_step, state.update_origin = copy_out(state.sums), copy_out(state.bad_step), tuple(state.update_origin)
+        if state.best_state is not None:
+            state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
+        p.q_network.load_state_dict(saved["q_network"])
+        p.target_network.load_state_dict(saved["target_network"])
+        p.optimizer.load_state_dict(saved["optimizer"])
+        p.envs.set_attr("snapshot", list(saved["envs"]))
+        p.eval_env.snapshot = saved["eval_env"]
+        if state.starting.any():  # only a final checkpoint has envs due to autoreset: extending the run resets them here
+            state.obs[state.starting] = p.envs.reset(options={"reset_mask": state.starting})[0][state.starting]
+        set_rng_states(saved["rng"], self.device)
+        p.rng.bit_generator.state, p.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
+        if saved["replay"] is not None:
+            p.rb.load_state_dict(saved["replay"])
+        else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
+            p.rb.add(state.obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
+            state.update_origin = (state.global_step + args.learning_starts, state.updates)
+        print(f"resumed {self.dir} at step {state.global_step:,}")
+        self.resumed = None  # closes the file's memory map
+        return state
+
+    def checkpoint(self, state: LoopState, p: Parts):
+        """Writes everything the loop needs to go on exactly as if it had never stopped."""
+        self.check_finite(state, p)
+        self.writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
+        saved = {"algo": ALGO, **vars(state), "q_network": p.q_network.state_dict(), "target_network": p.target_network.state_dict(),
+                 "optimizer": p.optimizer.state_dict(), "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot,
+                 "rng": rng_states(self.device), "explore_rng": p.rng.bit_generator.state, "eval_rng": p.eval_rng.bit_generator.state,
+                 "replay": p.rb.state_dict() if self.args.checkpoint_buffer else None}
+        atomic_save(self.checkpoint_path, lambda tmp: torch.save(saved, tmp))
+        self.checkpoint_step = state.global_step
+
+    def checkpoint_when_due(self, before: int, state: LoopState, p: Parts):
+        """Every --checkpoint-interval steps, and on SIGTERM/SIGUSR1 (then exits for a requeue)."""
+        self.checkpoint_due |= bool(crossed(before, state.global_step, self.args.checkpoint_interval))
+        if (self.checkpoint_due or self.stop_signals) and not state.starting.any():  # an env due to autoreset cannot be saved
+            self.checkpoint(state, p)
+            self.checkpoint_due = False
+            if self.stop_signals:
+                self.exit_for_requeue(self.stop_signals[0])
+
+    def check_finite(self, state: LoopState, p: Parts):
+        """Stops the run, keeping the last good checkpoint, once a loss, a Q-value or a weight is not finite."""
+        step = int(state.bad_step)  # a device sync: only at log points and checkpoints
+        weights_ok = bool(torch.stack([w.isfinite().all() for w in p.q_network.parameters()]).all())
+        if step >= 0 or not weights_ok:
+            where = f"at step {step:,}" if step >= 0 else f"in the network's weights by step {state.global_step:,}"
+            kept = f"its last good checkpoint, of step {self.checkpoint_step:,}, is kept in {self.checkpoint_path}"
+            self.writer.close()
+            fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
+
+    def exit_for_requeue(self, signum, frame=None):
+        """After a checkpoint: says how to continue, then exits with the code a batch system requeues on."""
+        self.writer.close()
+        print(f"signal {signal.Signals(signum).name}: checkpoint at step {self.checkpoint_step:,} in {self.checkpoint_path}; "
+              f"continue with --resume {self.dir} (exit code {EXIT_REQUEUE})", flush=True)
+        sys.exit(EXIT_REQUEUE)
+
+    def report_progress(self, state: LoopState):
+        line = self.progress.line(state, time.time())
+        if line is not None:
+            print(line, flush=True)
+
+    def end_training(self, state: LoopState, p: Parts):
+        if state.global_step > self.progress.start_step:
+            self.checkpoint(state, p)  # the end of training: a final evaluation cut short, or a longer run, resumes from here
+        p.envs.close()
+        for sig in self.previous_handlers:  # the checkpoint now holds the whole run: a signal stops the final evaluation at once
+            signal.signal(sig, self.exit_for_requeue)
+        if self.stop_signals:  # one came on the last training step, while an env was due to autoreset
+            self.exit_for_requeue(self.stop_signals[0])
+
+    def finish(self, final: dict):
+        final_path = os.path.join(self.dir, "final_eval.json")
+        if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result
+            previous = json.load(open(final_path))
+            os.replace(final_path, os.path.join(self.dir, f"final_eval_step{previous['total_steps']}.json"))
+        write_json(final_path, final)
+        self.writer.close()
+        print(f"final evaluation: mean {final['mean']:.1f}, median {final['median']:.1f} over {final['episodes']} episodes "
+              f"-> {final_path}")
+        for sig, handler in self.previous_handlers.items():  # for callers that go on after main(), such as tests
+            signal.signal(sig, handler)
+
+
+class Progress:
+    """The console progress line. Its rate and ETA are those of the last `window` lines: the whole run's average
+    would count the fast collection before learning starts (an ETA of 31 h for a run that needed 4 days)."""
+
+    def __init__(self, args: Args, step: int, now: float, window: int = 10):
+        self.args, self.start_step, self.start_time, self.eval_time = args, step, now, 0.0
+        self.marks = collections.deque([(now, step)], maxlen=window + 1)  # (time, step) of the recent lines
+
+    def training_rate(self, step: int) -> float:
+        """Agent steps per second since the start of this process, evaluations left out (TensorBoard's charts/SPS)."""
+        return (step - self.start_step) / max(time.time() - self.start_time - self.eval_time, 1e-9)
+
+    def line(self, state: LoopState, now: float) -> Optional[str]:
+        """The progress line when one is due (every --progress-interval seconds, and at the end), else None."""
+        total = self.args.total_timesteps
+        if now - self.marks[-1][0] < self.args.progress_interval and state.global_step < total:
+            return None
+        self.marks.append((now, state.global_step))
+        (then, step_then), elapsed = self.marks[0], now - self.start_time
+        rate = (state.global_step - step_then) / max(now - then, 1e-9)
+        eta = format_duration((total - state.global_step) / rate) if rate > 0 else "n/a"
+        recent = f"{np.mean(state.recent_returns):.1f}" if state.recent_returns else "n/a"
+        return (f"step {state.global_step:,}/{total:,} ({100 * state.global_step / total:.1f}%) | {rate:,.0f} SPS recently | "
+                f"elapsed {format_duration(elapsed)} | ETA {eta} | {state.episodes:,} episodes, "
+                f"return (last {len(state.recent_returns)}) {recent}")
+
+
+def check_memory(args: Args):
+    """Refuses a replay buffer that does not fit: numpy commits its pages only as they fill, so it would fail hours in."""
+    replay_bytes, free_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
+    print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
+          f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
+    if replay_bytes + HEADROOM_BYTES > free_bytes:
+        fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
+              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available; lower --buffer-size "
+              f"(each transition takes about 7 kB)"])
+
+
+class SnapshotEnv(gym.Wrapper):
+    """The outermost wrapper: `env.snapshot` is the whole env's state as bytes, and assigning it restores
+    that state, so a resumed run plays on exactly as if never stopped. (A property, so that a vector env
+    reaches it in its worker processes with get_attr and set_attr.)"""
+
+    @property
+    def snapshot(self) -> bytes:
+        layers, env = [], self.env
+        while env is not env.unwrapped:  # every wrapper's own state: frame stack, step counts, lives, returns, ...
+            state = {name: value for name, value in vars(env).items() if name != "env" and not callable(value)}
+            layers.append({} if isinstance(env, gym.wrappers.RecordVideo) else state)  # a clip being recorded is not resumed
+            env = env.env
+        game = env.clone_state(include_rng=True)  # the emulator, with its RNG
+        return pickle.dumps((layers, game, env.np_random.bit_generator.state, env.action_space.np_random.bit_generator.state))
+
+    @snapshot.setter
+    def snapshot(self, data: bytes):
+        layers, game, np_random, action_space_random = pickle.loads(data)
+        env = self.env
+        for layer in layers:
+            vars(env).update(layer)
+            env = env.env
+        env.restore_state(game)
+        env.np_random.bit_generator.state = np_random  # the no-op starts draw from it
+        env.action_space.np_random.bit_generator.state = action_space_random
+
+
+def leave_signals_to_main_process(thunk):
+    """Wraps an env thunk for a worker process: SIGINT, SIGTERM and SIGUSR1 are for the main process,
+    which checkpoints and then closes its workers."""
+    main_pid = os.getpid()
+
+    def worker_thunk():
+        if os.getpid() != main_pid:  # AsyncVectorEnv also calls a thunk in the main process, to read the spaces
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+        return thunk()
+
+    return worker_thunk
 
 
 def effective_settings(args: Args, run_name: str, n_actions: int, me_coef: float, device: torch.device) -> dict:
@@ -762,286 +1135,6 @@ def fail(errors: list, code: int = EXIT_BAD_INPUT):
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-# ---------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------
-
-
-def main(args: Args):
-    """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
-    errors = check_args(args) + (check_resume(args) if args.resume is not None else [])
-    if errors:
-        fail(errors)
-    resumed = None  # the checkpoint we continue from: its tensors stay in the file (mmap) until copied into place
-    if args.resume is not None:
-        resumed = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=False, mmap=True)
-        if resumed["global_step"] > args.total_timesteps:
-            fail([f"--total-timesteps {args.total_timesteps} is below the {resumed['global_step']} steps the run has done"])
-        if resumed["global_step"] == args.total_timesteps and os.path.exists(os.path.join(args.resume, "final_eval.json")):
-            print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
-                  "(a larger --total-timesteps extends it)")
-            return
-    probe = make_env(args, args.seed)()  # one env to learn |A| before anything large is allocated
-    n_actions = int(probe.action_space.n)
-    probe.close()
-    me_coef = default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)
-    replay_bytes, free_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
-    print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
-          f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
-    if replay_bytes + HEADROOM_BYTES > free_bytes:  # numpy commits the pages only as they fill: refuse now, not hours in
-        fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
-              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available; lower --buffer-size "
-              f"(each transition takes about 7 kB)"])
-    if resumed is None:
-        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{me_coef:g}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join("runs", run_name)
-        if os.path.exists(run_dir):
-            fail([f"run directory {run_dir} already exists; choose another --run-name (nothing was overwritten)"])
-    else:
-        run_dir, run_name = args.resume, args.run_name
-    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    rng = np.random.default_rng(args.seed)  # exploration draws
-
-    stop_signals = []  # SIGTERM or SIGUSR1 (a batch system's warning): checkpoint and exit at the next safe point
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGUSR1)}  # from before the run directory exists
-    settings = effective_settings(args, run_name, n_actions, me_coef, device)
-    if resumed is None:
-        os.makedirs(run_dir)
-    else:  # the first command stays; each resume is recorded after it
-        previous = read_config(run_dir)
-        resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"], "device": str(device)}
-        # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
-        settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
-                        resumes=previous.get("resumes", []) + [resume])
-    write_json(os.path.join(run_dir, "config.json"), settings)
-    # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
-    writer = SummaryWriter(run_dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
-    if resumed is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
-
-    envs = make_train_envs(args, run_dir)
-    atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
-    eval_seed = 2**31 - 1 - args.seed  # the authors' evaluation seed
-    eval_env = make_env(args, eval_seed, evaluation=True)()
-    eval_env.reset(seed=eval_seed)  # seeds the eval games once; later resets continue its RNG
-    eval_rng = np.random.default_rng(eval_seed)
-    q_network = make_network(args, n_actions, me_coef).to(device)
-    target_network = copy.deepcopy(q_network)
-    if args.compile:  # in place: state_dicts keep their keys; one static graph per batch shape (acting, evaluation, training)
-        q_network.compile(dynamic=False)
-        target_network.compile(dynamic=False)
-    optimizer = make_optimizer(args, q_network)
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, device, seed=args.seed)
-    print(f"{ALGO} k={me_coef:g} on {args.env_id} ({n_actions} actions), {args.num_envs} env(s), device {device}, logs in {run_dir}")
-
-    obs, _ = envs.reset(seed=args.seed)
-    starting = np.zeros(args.num_envs, dtype=bool)  # envs whose next step() is an autoreset, not a transition
-    global_step, updates, logged_updates, episodes, evaluations = 0, 0, 0, 0, 0
-    update_origin = (args.learning_starts, 0)  # (step, updates): one update per train_frequency steps after it
-    best_score, best_state, best_step = -float("inf"), None, None
-    sums = torch.zeros(3, device=device)  # loss, Q, action gap, summed on the device between log points
-    bad_step = torch.tensor(-1, device=device)  # the first step whose loss or Q was not finite, read at log points
-    recent_returns = []
-    checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
-    if resumed is None:
-        rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
-    else:  # continue exactly where the checkpoint left off
-        global_step, updates, logged_updates = resumed["global_step"], resumed["updates"], resumed["logged_updates"]
-        episodes, evaluations, recent_returns = resumed["episodes"], resumed["evaluations"], resumed["recent_returns"]
-        best_score, best_step = resumed["best_score"], resumed["best_step"]
-        if resumed["best_state"] is not None:  # copied out of the checkpoint file, which the next checkpoint replaces
-            best_state = {name: value.to(device, copy=True) for name, value in resumed["best_state"].items()}
-        update_origin, sums = tuple(resumed["update_origin"]), resumed["sums"].to(device, copy=True)
-        q_network.load_state_dict(resumed["q_network"])
-        target_network.load_state_dict(resumed["target_network"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        envs.set_attr("snapshot", list(resumed["envs"]))
-        eval_env.snapshot = resumed["eval_env"]
-        obs, starting = resumed["obs"], resumed["starting"]
-        if starting.any():  # only a final checkpoint has envs due to autoreset: extending the run resets them here
-            obs[starting] = envs.reset(options={"reset_mask": starting})[0][starting]
-        set_rng_states(resumed["rng"], device)
-        rng.bit_generator.state, eval_rng.bit_generator.state = resumed["explore_rng"], resumed["eval_rng"]
-        if resumed["replay"] is not None:
-            rb.load_state_dict(resumed["replay"])
-        else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
-            rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
-            update_origin = (global_step + args.learning_starts, updates)
-        print(f"resumed {run_dir} at step {global_step:,}")
-        del resumed  # closes the file's memory map
-
-    def check_finite():
-        """Stops the run, keeping the last good checkpoint, once a loss, a Q-value or a weight is not finite."""
-        step = int(bad_step)  # a device sync: only at log points and checkpoints
-        weights_ok = bool(torch.stack([p.isfinite().all() for p in q_network.parameters()]).all())
-        if step >= 0 or not weights_ok:
-            where = f"at step {step:,}" if step >= 0 else f"in the network's weights by step {global_step:,}"
-            kept = f"its last good checkpoint, of step {checkpoint_step:,}, is kept in {checkpoint_path}"
-            writer.close()
-            fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
-
-    def exit_for_requeue(signum, frame=None):
-        """After a checkpoint: says how to continue, then exits with the code a batch system requeues on."""
-        writer.close()
-        print(f"signal {signal.Signals(signum).name}: checkpoint at step {checkpoint_step:,} in {checkpoint_path}; "
-              f"continue with --resume {run_dir} (exit code {EXIT_REQUEUE})", flush=True)
-        sys.exit(EXIT_REQUEUE)
-
-    def checkpoint():
-        """Writes everything the loop needs to go on exactly as if it had never stopped."""
-        nonlocal checkpoint_step
-        check_finite()
-        writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
-        state = {
-            "algo": ALGO, "global_step": global_step, "updates": updates, "logged_updates": logged_updates,
-            "episodes": episodes, "evaluations": evaluations, "recent_returns": recent_returns,
-            "best_score": best_score, "best_state": best_state, "best_step": best_step,
-            "update_origin": update_origin, "sums": sums,
-            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(), "optimizer": optimizer.state_dict(),
-            "envs": envs.get_attr("snapshot"), "eval_env": eval_env.snapshot, "obs": obs, "starting": starting,
-            "rng": rng_states(device), "explore_rng": rng.bit_generator.state, "eval_rng": eval_rng.bit_generator.state,
-            "replay": rb.state_dict() if args.checkpoint_buffer else None,
-        }
-        atomic_save(checkpoint_path, lambda tmp: torch.save(state, tmp))
-        checkpoint_step = global_step
-
-    if global_step == 0:
-        checkpoint()  # a run killed before its first periodic checkpoint can still be resumed
-    checkpoint_due = False
-    start_step, start_time = global_step, time.time()
-    last_print, eval_time = start_time, 0.0
-    while global_step < args.total_timesteps:
-        # Act: epsilon-greedy, one coin per env
-        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
-        actions = rng.integers(n_actions, size=args.num_envs)
-        greedy = rng.random(args.num_envs) >= epsilon
-        if greedy.any():
-            with torch.no_grad():
-                q = q_network.q_values(torch.as_tensor(obs, device=device))
-            actions = np.where(greedy, q.argmax(dim=1).cpu().numpy(), actions)
-        next_obs, rewards, terminated, truncated, infos = envs.step(actions)
-        rb.add(next_obs[:, -1], starting, actions, rewards, terminated, truncated)
-        before = global_step
-        global_step += int((~starting).sum())  # an autoreset step moves no game forward
-        starting = terminated | truncated
-        obs = next_obs
-
-        if "episode" in infos:
-            for i in np.flatnonzero(infos["_episode"]):
-                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
-                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
-                recent_returns = (recent_returns + [float(infos["episode"]["r"][i])])[-20:]
-                episodes += 1
-
-        # Learn: updates per agent step stay 1/train_frequency whatever the number of envs
-        if global_step > update_origin[0]:
-            due = update_origin[1] + (global_step - update_origin[0]) // args.train_frequency
-            while updates < due:
-                stats = torch.stack(update(q_network, target_network, optimizer, rb.sample(args.batch_size), args))
-                sums += stats
-                bad_step = torch.where((bad_step < 0) & ~stats.isfinite().all(), global_step, bad_step)  # no sync
-                updates += 1
-        if crossed(before, global_step, args.target_network_frequency):
-            target_network.load_state_dict(q_network.state_dict())
-
-        if crossed(before, global_step, args.log_interval):
-            if updates > logged_updates:  # means over the updates since the last point; .tolist() is the one sync
-                loss, q_mean, gap = (sums / (updates - logged_updates)).tolist()
-                check_finite()
-                writer.add_scalar("losses/td_loss", loss, global_step)
-                writer.add_scalar("losses/q_values", q_mean, global_step)
-                writer.add_scalar("metrics/action_gap", gap, global_step)
-                sums.zero_()
-                logged_updates = updates
-            sps = (global_step - start_step) / max(time.time() - start_time - eval_time, 1e-9)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/updates", updates, global_step)
-
-        if crossed(before, global_step, args.eval_interval):
-            eval_start = time.time()
-            result = evaluate(q_network, eval_env, device, args.eval_epsilon, args.gamma, eval_rng, max_steps=args.eval_steps)
-            eval_time += time.time() - eval_start
-            evaluations += 1
-            score = float(np.mean(result["scores"]))
-            writer.add_scalar("eval/episodic_return", score, global_step)
-            for key in EVAL_STATISTICS + ("truncated_episodes",):
-                if result[key] is not None:  # None: no episode finished within --eval-steps
-                    writer.add_scalar(f"eval/{key}", result[key], global_step)
-            if score > best_score:  # keep the best network, as the protocol's final evaluation plays it
-                best_score, best_state, best_step = score, copy.deepcopy(q_network.state_dict()), global_step
-            over = "n/a (no episode finished)" if result["overestimation"] is None else f"{result['overestimation']:.3f}"
-            print(f"evaluation {evaluations} at step {global_step:,}: mean score {score:.1f} over {len(result['scores'])} episodes, "
-                  f"overestimation {over}")
-
-        now = time.time()
-        if now - last_print >= args.progress_interval or global_step >= args.total_timesteps:
-            last_print, elapsed = now, now - start_time
-            eta = (args.total_timesteps - global_step) * elapsed / max(global_step - start_step, 1)
-            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-            print(f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) | "
-                  f"{(global_step - start_step) / elapsed:,.0f} SPS overall | elapsed {format_duration(elapsed)} | "
-                  f"ETA {format_duration(eta)} | {episodes:,} episodes, return (last {len(recent_returns)}) {recent}", flush=True)
-
-        checkpoint_due |= bool(crossed(before, global_step, args.checkpoint_interval))
-        if (checkpoint_due or stop_signals) and not starting.any():  # an env due to autoreset cannot be saved: wait a step
-            checkpoint()
-            checkpoint_due = False
-            if stop_signals:
-                exit_for_requeue(stop_signals[0])
-    if global_step > start_step:
-        checkpoint()  # the end of training: a final evaluation cut short, or a longer run, resumes from here
-    envs.close()
-    for sig in previous_handlers:  # the checkpoint now holds the whole run: a signal stops the final evaluation at once
-        signal.signal(sig, exit_for_requeue)
-    if stop_signals:  # one came on the last training step, while an env was due to autoreset
-        exit_for_requeue(stop_signals[0])
-
-    if args.save_model:
-        torch.save(q_network.state_dict(), os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"))
-        if best_state is not None:
-            torch.save(best_state, os.path.join(run_dir, f"{args.exp_name}_best.cleanrl_model"))
-    if best_state is not None:
-        q_network.load_state_dict(best_state)
-    result = evaluate(q_network, eval_env, device, args.eval_epsilon, args.gamma, eval_rng, max_episodes=args.final_eval_episodes)
-    eval_env.close()
-    scores = result["scores"]
-    final = {
-        "algo": ALGO,
-        "env_id": args.env_id,
-        "seed": args.seed,
-        "me_coef": me_coef,
-        "total_steps": global_step,
-        "network": f"best periodic evaluation (step {best_step})" if best_state is not None else "final",
-        "network_step": best_step if best_state is not None else global_step,
-        "epsilon": args.eval_epsilon,
-        "episodes": len(scores),
-        "scores": scores,
-        "lengths": result["lengths"],
-        "mean": float(np.mean(scores)),
-        "median": float(np.median(scores)),
-        "std": float(np.std(scores)),
-        **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)},
-    }
-    final_path = os.path.join(run_dir, "final_eval.json")
-    if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result
-        previous = json.load(open(final_path))
-        os.replace(final_path, os.path.join(run_dir, f"final_eval_step{previous['total_steps']}.json"))
-    write_json(final_path, final)
-    writer.close()
-    print(f"final evaluation: mean {final['mean']:.1f}, median {final['median']:.1f} over {len(scores)} episodes "
-          f"-> {final_path}")
-    for sig, handler in previous_handlers.items():  # for callers that go on after main(), such as tests
-        signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
