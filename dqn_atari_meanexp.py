@@ -281,6 +281,8 @@ def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = 
             env = EpisodicLifeEnv(env)
         if args.fire_reset and "FIRE" in env.unwrapped.get_action_meanings():
             env = FireResetEnv(env)
+            if evaluation or not args.episodic_life:  # a lost life does not end the episode: launch the ball there too
+                env = FireAfterLifeLoss(env)
         env = WarpFrame(env)  # 84x84 grayscale, shape (84, 84, 1)
         env = gym.wrappers.ReshapeObservation(env, (84, 84))
         env = gym.wrappers.FrameStackObservation(env, 4)  # (4, 84, 84); an episode's first frame pads its first stacks
@@ -289,6 +291,29 @@ def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = 
         return env
 
     return thunk
+
+
+class FireAfterLifeLoss(gym.Wrapper):
+    """--fire-reset where a lost life does not end the episode: plays, after every lost life, what training with
+    --episodic-life plays then (EpisodicLifeEnv's no-op, FireResetEnv's FIRE and its next move), inside the step
+    that lost it. Without it the ball waits for a FIRE that an agent trained with automatic FIRE never learned."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        lives = self.env.unwrapped.ale.lives()
+        if 0 < lives < self.lives:
+            for launch in (0, 1, 2):  # NOOP, FIRE, then the move FireResetEnv makes after FIRE
+                if terminated or truncated:
+                    break
+                obs, launch_reward, terminated, truncated, info = self.env.step(launch)
+                reward += launch_reward  # the game's score: these steps are part of the game
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, reward, terminated, truncated, info
 
 
 def make_train_envs(args: Args, run_dir: str):
@@ -962,7 +987,8 @@ class Run:
         """Continues exactly where the checkpoint left off."""
         saved, args = self.resumed, self.args
         copy_out = lambda t: t.to(self.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
-        state = LoopState(**{field.name: saved[field.name] for field in dataclasses.fields(LoopState)})
+        # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
+        state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
         state.sums, state.bad_step, state.update_origin = copy_out(state.sums), copy_out(state.bad_step), tuple(state.update_origin)
         if state.best_state is not None:
             state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
