@@ -954,9 +954,12 @@ class Run:
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         self.eval_seed = 2**31 - 1 - args.seed  # the authors' evaluation seed
 
-        self.stop_signals = []  # SIGTERM or SIGUSR1 (a batch system's warning): checkpoint and exit at the next safe point
+        # Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (a batch system's warning): checkpoint at the next safe point, then exit;
+        # a second one while the checkpoint is written is only recorded, so the write always completes
+        self.stop_signals = []
         self.previous_handlers = {sig: signal.signal(sig, lambda signum, frame: self.stop_signals.append(signum))
-                                  for sig in (signal.SIGTERM, signal.SIGUSR1)}  # from before the run directory exists
+                                  for sig in STOP_SIGNALS}  # from before the run directory exists
+        self.training_done = False
         settings = effective_settings(args, run_name, self.n_actions, self.me_coef, self.device)
         if resumed is None:
             os.makedirs(self.dir)
@@ -997,8 +1000,8 @@ class Run:
         p.optimizer.load_state_dict(saved["optimizer"])
         p.envs.set_attr("snapshot", list(saved["envs"]))
         p.eval_env.snapshot = saved["eval_env"]
-        if state.starting.any():  # only a final checkpoint has envs due to autoreset: extending the run resets them here
-            state.obs[state.starting] = p.envs.reset(options={"reset_mask": state.starting})[0][state.starting]
+        if state.starting.any():  # only a final checkpoint has envs due to autoreset: their next step() is that reset
+            p.envs.set_attr("reset_on_next_step", state.starting.tolist())
         set_rng_states(saved["rng"], self.device)
         p.rng.bit_generator.state, p.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
         if saved["replay"] is not None:
@@ -1041,11 +1044,13 @@ class Run:
             fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
 
     def exit_for_requeue(self, signum, frame=None):
-        """After a checkpoint: says how to continue, then exits with the code a batch system requeues on."""
+        """After a checkpoint: says how to continue, then exits: 130 after Ctrl-C, else the code a batch system requeues on."""
+        code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_REQUEUE
         self.writer.close()
-        print(f"signal {signal.Signals(signum).name}: checkpoint at step {self.checkpoint_step:,} in {self.checkpoint_path}; "
-              f"continue with --resume {self.dir} (exit code {EXIT_REQUEUE})", flush=True)
-        sys.exit(EXIT_REQUEUE)
+        stage = " (it holds the whole training: the resumed run plays the final evaluation)" if self.training_done else ""
+        print(f"signal {signal.Signals(signum).name}: checkpoint at step {self.checkpoint_step:,} in {self.checkpoint_path}"
+              f"{stage}; continue with --resume {self.dir} (exit code {code})", flush=True)
+        sys.exit(code)
 
     def report_progress(self, state: LoopState):
         line = self.progress.line(state, time.time())
@@ -1056,6 +1061,7 @@ class Run:
         if state.global_step > self.progress.start_step:
             self.checkpoint(state, p)  # the end of training: a final evaluation cut short, or a longer run, resumes from here
         p.envs.close()
+        self.training_done = True
         for sig in self.previous_handlers:  # the checkpoint now holds the whole run: a signal stops the final evaluation at once
             signal.signal(sig, self.exit_for_requeue)
         if self.stop_signals:  # one came on the last training step, while an env was due to autoreset
@@ -1116,6 +1122,15 @@ class SnapshotEnv(gym.Wrapper):
     """The outermost wrapper: `env.snapshot` is the whole env's state as bytes, and assigning it restores
     that state, so a resumed run plays on exactly as if never stopped. (A property, so that a vector env
     reaches it in its worker processes with get_attr and set_attr.)"""
+
+    reset_on_next_step = False  # set on resume where the env was due to autoreset when the checkpoint was written
+
+    def step(self, action):
+        if self.reset_on_next_step:  # what the vector env's autoreset would have done: the action is ignored
+            self.reset_on_next_step = False
+            obs, info = self.env.reset()
+            return obs, 0.0, False, False, info
+        return self.env.step(action)
 
     @property
     def snapshot(self) -> bytes:
@@ -1216,6 +1231,8 @@ HEADROOM_BYTES = 10**9  # PyTorch, the networks, the envs: what a run needs besi
 EXIT_BAD_INPUT = 2  # a bad command line: nothing was written
 EXIT_NON_FINITE = 3  # the run diverged (a loss or Q-value not finite): the last good checkpoint is kept; do not requeue
 EXIT_REQUEUE = 75  # stopped by SIGTERM or SIGUSR1 after writing a checkpoint: run again with --resume (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C after writing a checkpoint: run again with --resume (the shell's code for SIGINT)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each checkpoints the run and exits
 
 
 def fail(errors: list, code: int = EXIT_BAD_INPUT):

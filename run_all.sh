@@ -7,6 +7,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 GAMES_CSV="$HERE/atari57.csv"
 EXIT_REQUEUE=75    # the scripts' exit code after a checkpoint on SIGTERM/SIGUSR1: resume, do not count as failed
+EXIT_INTERRUPTED=130  # the same after Ctrl-C (a run started by hand; run_all.sh itself sends SIGTERM)
 EXIT_NON_FINITE=3  # the scripts' exit code when a run diverged: failed, and named so in the summary
 
 usage() {
@@ -415,7 +416,10 @@ collect() {  # waits for one run to end and records how it ended
   [ "$code" != "$EXIT_NON_FINITE" ] || why=", diverged"
   case $code in
     0) finished+=("$name") ;;
-    "$EXIT_REQUEUE") stopped+=("$name") ;;
+    "$EXIT_REQUEUE" | "$EXIT_INTERRUPTED")
+       local at  # the run's last words: "signal SIGTERM: checkpoint at step 1,200 in ..."
+       at=$(grep -o 'checkpoint at step [0-9,]*' "runs/_batch/logs/$name.log" | tail -n 1 || true)
+       stopped+=("$name: ${at:-checkpoint} in runs/$name/checkpoint.pt, resumed when this command runs again") ;;
     *) failed+=("$name (exit code $code$why): runs/_batch/logs/$name.log")
        failed_commands+=("${command_of[$pid]}") ;;
   esac
@@ -448,7 +452,7 @@ while [ ${#name_of[@]} -gt 0 ]; do collect; done
 log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, ${#failed[@]} failed, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - ${#failed[@]} )) not started"
 for f in "${!failed[@]}"; do log "failed: ${failed[$f]}"; log "  command: ${failed_commands[$f]}"; done
 [ ${#failed[@]} -eq 0 ] || log "run this command again to retry the failed runs (each resumes from its last checkpoint: read its log first)"
-[ ${#stopped[@]} -eq 0 ] || log "stopped runs resume from their checkpoints when this command runs again"
+for s in "${stopped[@]}"; do log "stopped: $s"; done
 if [ "$interrupted" = 1 ]; then exit 130; fi
 [ ${#failed[@]} -eq 0 ] || exit 1
 exit 0

@@ -173,15 +173,17 @@ def interrupt(proc, at_step, sig=signal.SIGTERM):
     return output
 
 
-@pytest.mark.parametrize("algo,extra", [("dqn", []), ("iqn", [*SMALL_IQN, "--num-envs", "2", "--episodic-life"])])
-def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, algo, extra):
-    """Bitwise: CPU PyTorch is deterministic here, so weights, losses and scores must be exactly equal."""
+@pytest.mark.parametrize("algo,extra,sig", [("dqn", [], signal.SIGTERM), ("dqn", [], signal.SIGINT),
+                                             ("iqn", [*SMALL_IQN, "--num-envs", "2", "--episodic-life"], signal.SIGTERM)])
+def test_a_stopped_then_resumed_run_equals_an_uninterrupted_run(tmp_path, algo, extra, sig):
+    """SIGTERM (a batch system) or Ctrl-C (SIGINT). Bitwise: CPU PyTorch is deterministic here, so weights, losses
+    and scores must be exactly equal."""
     flags = [*TINY, *extra, "--save-model", "--progress-interval", "0.001"]
     run(algo, tmp_path, *flags, "--run-name", "straight")
     proc = start(algo, tmp_path, *flags, "--run-name", "cut")
-    output = interrupt(proc, at_step=500)  # after learning started, between evaluations
-    assert proc.returncode == dqn.EXIT_REQUEUE, output
-    assert "signal SIGTERM: checkpoint at step" in output and "--resume runs/cut" in output
+    output = interrupt(proc, at_step=500, sig=sig)  # after learning started, between evaluations
+    assert proc.returncode == (dqn.EXIT_INTERRUPTED if sig == signal.SIGINT else dqn.EXIT_REQUEUE), output
+    assert f"signal {sig.name}: checkpoint at step" in output and "--resume runs/cut" in output and "Traceback" not in output
     stopped_at = torch.load(tmp_path / "runs/cut/checkpoint.pt", weights_only=False, mmap=True)["global_step"]
     assert 500 <= stopped_at < 1200 and not (tmp_path / "runs/cut/final_eval.json").exists()
     resumed = run(algo, tmp_path, "--resume", "runs/cut")
@@ -214,12 +216,14 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, algo, extra):
     assert config["me_coef_default"] is True  # plot_results.py groups runs by it
 
 
-def test_a_signal_during_the_final_evaluation_exits_for_requeue_and_resume_finishes_it(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_a_signal_during_the_final_evaluation_exits_at_once_and_resume_finishes_it(tmp_path, sig):
     flags = [*TINY, "--final-eval-episodes", "20", "--progress-interval", "0.001", "--run-name", "f"]
     proc = start("dqn", tmp_path, *flags)
-    output = interrupt(proc, at_step=1200, sig=signal.SIGUSR1)  # the last progress line: the final evaluation follows
-    assert proc.returncode == dqn.EXIT_REQUEUE, output
-    assert "signal SIGUSR1: checkpoint at step 1,200" in output and "final evaluation:" not in output
+    output = interrupt(proc, at_step=1200, sig=sig)  # the last progress line: the final evaluation follows
+    assert proc.returncode == (dqn.EXIT_INTERRUPTED if sig == signal.SIGINT else dqn.EXIT_REQUEUE), output
+    assert f"signal {sig.name}: checkpoint at step 1,200" in output and "final evaluation:" not in output
+    assert "it holds the whole training" in output
     assert not (tmp_path / "runs/f/final_eval.json").exists()
     resumed = run("dqn", tmp_path, "--resume", "runs/f")
     assert "resumed runs/f at step 1,200" in resumed.stdout
@@ -291,3 +295,35 @@ def test_finished_runs_are_left_alone_or_extended(tmp_path):
     assert json.loads((run_dir / "final_eval.json").read_text())["total_steps"] == 600
     assert (run_dir / "final_eval_step400.json").read_text() == first  # the earlier result is kept
     assert [s for s, _ in scalars(run_dir)["charts/epsilon"]] == list(range(100, 601, 100))
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_written_still_leaves_a_loadable_one(tmp_path):
+    proc = start("dqn", tmp_path, *TINY, "--buffer-size", "20000", "--progress-interval", "0.001", "--run-name", "c")
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0].replace(",", "")) >= 500:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.002)  # the first one is being handled: a checkpoint is being written
+            proc.send_signal(signal.SIGINT)
+            break
+    output = proc.stdout.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == dqn.EXIT_INTERRUPTED and "Traceback" not in output, output
+    state = torch.load(tmp_path / "runs/c/checkpoint.pt", map_location="cpu", weights_only=False)
+    assert 500 <= state["global_step"] < 1200 and not (tmp_path / "runs/c/checkpoint.pt.tmp").exists()
+    assert "resumed runs/c at step" in run("dqn", tmp_path, "--resume", "runs/c").stdout
+
+
+def test_a_run_extended_from_n_to_m_steps_equals_a_run_of_m_steps(tmp_path):
+    """The 400-step run ends exactly as its episode is truncated (every 100 steps): its env is due to autoreset."""
+    flags = [*TINY, "--env-id", "ALE/Pong-v5", "--eval-interval", "0", "--max-episode-steps", "100", "--save-model"]
+    run("dqn", tmp_path, *flags, "--total-timesteps", "600", "--run-name", "straight")
+    run("dqn", tmp_path, *flags, "--total-timesteps", "400", "--run-name", "ext")
+    assert torch.load(tmp_path / "runs/ext/checkpoint.pt", weights_only=False)["starting"].all()
+    run("dqn", tmp_path, "--resume", "runs/ext", "--total-timesteps", "600")
+    a, b = (load_model(tmp_path / f"runs/{r}/dqn_atari_meanexp.cleanrl_model") for r in ("straight", "ext"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs_a, logs_b = scalars(tmp_path / "runs/straight"), scalars(tmp_path / "runs/ext")
+    for tag in ("losses/td_loss", "charts/episodic_return", "charts/episodic_length"):
+        assert logs_a[tag] == logs_b[tag], tag
+    final_a, final_b = (json.loads((tmp_path / f"runs/{r}/final_eval.json").read_text()) for r in ("straight", "ext"))
+    assert (final_a["scores"], final_a["total_steps"]) == (final_b["scores"], final_b["total_steps"])

@@ -250,6 +250,9 @@ def test_ctrl_c_checkpoints_every_run_and_the_next_call_resumes_them(tmp_path):
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, output
     assert "0 finished now, 2 stopped with a checkpoint, 0 failed" in output
+    for s in (1, 2):  # each run's step and where it resumes from
+        assert re.search(rf"stopped: pong__dqn__s{s}: checkpoint at step [0-9,]+ in runs/pong__dqn__s{s}/checkpoint.pt, "
+                         "resumed when this command runs again", output), output
     for s in (1, 2):
         run_dir = tmp_path / "runs" / f"pong__dqn__s{s}"
         assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "final_eval.json").exists()
@@ -340,6 +343,27 @@ def test_slurm_array_runs_every_planned_run(slurm, tmp_path):
     assert all("exit code 0" in p.read_text() for p in outputs.glob(f"{job}_*.out"))
     again = run_all(tmp_path, *SLURM_TASK, "--games", "pong", "--seeds", "1", "--", *TINY)
     assert "4 already finished (skipped), 0 to run" in again.stdout and "submitted" not in again.stdout
+
+
+def test_slurm_task_preempted_by_sigterm_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
+    flags = [*TINY, "--total-timesteps", "1500", "--progress-interval", "0.5"]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_all(straight, "--algos", "dqn", "--games", "pong", "--seeds", "1", "--k", "0", "--", *flags)
+    proc = run_all(tmp_path, *SLURM_TASK, "--algos", "dqn", "--games", "pong", "--seeds", "1", "--k", "0", "--", *flags)
+    job = submitted_job(proc.stdout)
+    out = tmp_path / "runs" / "_batch" / "slurm" / f"{job}_0.out"
+    deadline = time.time() + 300
+    while not (out.exists() and "step 2" in out.read_text()):  # learning has started
+        assert time.time() < deadline
+        time.sleep(0.2)
+    # a preemption: SIGTERM to every process of the task (the batch shell and the run), with no warning signal first
+    subprocess.run(["scancel", "--signal=TERM", "--full", job], check=True)
+    wait_for(job, done=lambda: out.read_text().rstrip().endswith("exit code 0"))
+    text = out.read_text()
+    assert "signal SIGTERM: checkpoint at step" in text and "exit code 75" in text and f"requeueing array task {job}_0" in text
+    final, expected = (json.loads((d / "runs" / "pong__dqn__s1" / "final_eval.json").read_text()) for d in (tmp_path, straight))
+    assert (final["total_steps"], final["scores"]) == (1500, expected["scores"])
 
 
 def test_slurm_task_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp_path):
