@@ -71,6 +71,14 @@ class Args:
     """whether to capture videos of the agent's games (first training env) into runs/{run_name}/videos"""
     save_model: bool = False
     """whether to save the final and the best network to runs/{run_name}/"""
+    track: bool = False
+    """if toggled, track the run with Weights & Biases (pip install wandb); WANDB_MODE=offline writes it locally"""
+    wandb_project_name: str = "meanexp-atari"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user; default: your own)"""
+    wandb_group: Optional[str] = None
+    """the wandb group the run joins (run_all.sh gives each batch one)"""
 
     # Environment: the defaults are the paper's protocol (README.md shows CleanRL's)
     env_id: str = "ALE/Breakout-v5"
@@ -838,11 +846,13 @@ def check_args(args: Args) -> list:
         errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         errors.append("--capture-video needs moviepy: pip install moviepy")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        errors.append("--track needs wandb: pip install -r requirements-track.txt (README.md, 'Experiment tracking')")
     return errors + algo_errors(args)
 
 
 RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "progress_interval", "cuda", "save_model",
-                     "compile")
+                     "compile", "track", "wandb_project_name", "wandb_entity", "wandb_group")
 
 
 CHECKPOINT = "checkpoint.pt"  # in the run directory
@@ -961,14 +971,16 @@ class Run:
                                   for sig in STOP_SIGNALS}  # from before the run directory exists
         self.training_done = False
         settings = effective_settings(args, run_name, self.n_actions, self.me_coef, self.device)
-        if resumed is None:
-            os.makedirs(self.dir)
-        else:  # the first command stays; each resume is recorded after it
+        if resumed is not None:  # the first command stays; each resume is recorded after it
             previous = read_config(self.dir)
             resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"], "device": str(self.device)}
             # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
             settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
-                            resumes=previous.get("resumes", []) + [resume])
+                            resumes=previous.get("resumes", []) + [resume], wandb_run_id=previous.get("wandb_run_id"))
+        if args.track:  # before the run directory exists: a failed login leaves nothing behind
+            settings["wandb_run_id"] = start_tracking(args, run_name, settings, self.dir)
+        if resumed is None:
+            os.makedirs(self.dir)
         write_json(os.path.join(self.dir, "config.json"), settings)
         # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
         self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
@@ -1068,12 +1080,18 @@ class Run:
             self.exit_for_requeue(self.stop_signals[0])
 
     def finish(self, final: dict):
+        """Writes final_eval.json (keeping an earlier result of an extended run) and closes the logs."""
         final_path = os.path.join(self.dir, "final_eval.json")
         if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result
             previous = json.load(open(final_path))
             os.replace(final_path, os.path.join(self.dir, f"final_eval_step{previous['total_steps']}.json"))
         write_json(final_path, final)
         self.writer.close()
+        if self.args.track:  # the final evaluation goes into the wandb run's summary; then the upload (or offline write) ends
+            import wandb
+
+            wandb.run.summary.update({f"final_eval/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+            wandb.finish()
         print(f"final evaluation: mean {final['mean']:.1f}, median {final['median']:.1f} over {final['episodes']} episodes "
               f"-> {final_path}")
         for sig, handler in self.previous_handlers.items():  # for callers that go on after main(), such as tests
@@ -1105,6 +1123,23 @@ class Progress:
         return (f"step {state.global_step:,}/{total:,} ({100 * state.global_step / total:.1f}%) | {rate:,.0f} SPS recently | "
                 f"elapsed {format_duration(elapsed)} | ETA {eta} | {state.episodes:,} episodes, "
                 f"return (last {len(state.recent_returns)}) {recent}")
+
+
+def start_tracking(args: Args, run_name: str, settings: dict, run_dir: str) -> str:
+    """--track: a Weights & Biases run that mirrors the TensorBoard logs (CleanRL's setup); a resumed run continues
+    its wandb run. Returns the wandb run id, which config.json keeps."""
+    import wandb  # only here: wandb is optional
+
+    try:
+        tracked = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                             name=run_name, id=settings.get("wandb_run_id"), resume="allow", config=settings,
+                             sync_tensorboard=True, save_code=True)
+    except Exception as e:  # no login, no network: say so now, not hours in
+        fail([f"--track: wandb could not start ({type(e).__name__}: {e}); run `wandb login`, or set WANDB_MODE=offline "
+              "and upload later with `wandb sync`"])
+    if args.capture_video:  # uploads each video as it is written
+        wandb.save(os.path.join(os.path.abspath(run_dir), "videos", "*.mp4"), base_path=os.path.abspath(run_dir), policy="live")
+    return tracked.id
 
 
 def check_memory(args: Args):

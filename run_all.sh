@@ -259,6 +259,13 @@ done
 # The plan: one line per run
 # ---------------------------------------------------------------------------
 
+# --track: every run of the batch joins one wandb group, the same when the same command runs again (to resume)
+if printf '%s\n' "${extra[@]+"${extra[@]}"}" | grep -qx -- '--track' \
+   && ! printf '%s\n' "${extra[@]+"${extra[@]}"}" | grep -q -- '^--wandb-group'; then
+  batch_id=$(printf '%s\n' "${variant_list[@]}" "${game_list[@]}" "${seed_list[@]}" "$v4" "${extra[@]}" | md5sum | cut -c1-8)
+  extra+=(--wandb-group "run_all-$batch_id")
+fi
+
 plan_lines=()
 for game in "${game_list[@]}"; do
   for variant in "${variant_list[@]}"; do

@@ -386,3 +386,14 @@ def test_slurm_task_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp_pat
     run_dir = tmp_path / "runs" / "pong__dqn__s1"
     assert json.loads((run_dir / "final_eval.json").read_text())["total_steps"] == 1500
     assert len(json.loads((run_dir / "config.json").read_text())["resumes"]) == 1
+
+
+def test_track_puts_the_whole_batch_in_one_wandb_group_the_same_on_the_next_call(tmp_path):
+    args = ["--dry-run", "--algos", "dqn", "--games", "pong", "--seeds", "1-2", "--", "--track"]
+    first, again = run_all(tmp_path, *args).stdout, run_all(tmp_path, *args).stdout
+    groups = set(re.findall(r"--wandb-group (\S+)", first))
+    assert len(groups) == 1 and first.count("--wandb-group") == 4 and first == again
+    other = run_all(tmp_path, *[a if a != "1-2" else "1-3" for a in args]).stdout  # another batch: another group
+    assert set(re.findall(r"--wandb-group (\S+)", other)) != groups
+    mine = run_all(tmp_path, *args, "--wandb-group", "campaign").stdout  # a group given after -- is kept
+    assert set(re.findall(r"--wandb-group (\S+)", mine)) == {"campaign"}
