@@ -160,6 +160,9 @@ class Args:
     """whether checkpoints hold the replay buffer (7 GB when full); without it a resumed run refills it before learning"""
     resume: Optional[str] = None
     """a run directory to continue from its checkpoint, with the run's own settings (only a few flags may change)"""
+    eval_model: Optional[str] = None
+    """instead of training: a .cleanrl_model saved by --save-model plays --final-eval-episodes games with its run's
+    settings (config.json beside it; flags given override them) and writes the final evaluation's statistics"""
 
 
 FIXED_SETTINGS = {"loss": "quantile_huber", "optimizer": "adam", "network": "iqn"}  # what config.json records besides the flags
@@ -591,6 +594,8 @@ class Parts:
 
 def main(args: Args):
     """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
+    if args.eval_model is not None:
+        return evaluate_saved_model(args)  # no training: the machinery at the end
     run = Run.start(args)  # checks, run directory, config.json, TensorBoard, signals: the machinery at the end
     if run is None:
         return  # a finished run: nothing to do
@@ -808,13 +813,17 @@ def read_config(run_dir: str) -> Optional[dict]:
 
 
 def parse_args(argv=None) -> Args:
-    """The command line. With --resume RUN_DIR, the flags not given take the run's saved settings, not the defaults."""
+    """The command line. With --resume RUN_DIR (or --eval-model RUN_DIR/MODEL), the flags not given take the run's
+    saved settings, not the defaults."""
     args = tyro.cli(Args, args=argv)
-    config = read_config(args.resume) if args.resume is not None else None
+    run_dir = args.resume if args.resume is not None else (os.path.dirname(args.eval_model) or ".") if args.eval_model else None
+    config = read_config(run_dir) if run_dir is not None else None
     if config is None:
-        return args  # main() explains what is wrong with --resume
+        return args  # main() explains what is wrong with --resume; --eval-model without config.json uses the flags
     saved = {field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config}
-    return tyro.cli(Args, args=argv, default=Args(**{**saved, "resume": args.resume}))
+    if args.eval_model is not None:
+        saved.pop("track", None)  # an evaluation is not tracked
+    return tyro.cli(Args, args=argv, default=Args(**{**saved, "resume": args.resume, "eval_model": args.eval_model}))
 
 
 def check_resume(args: Args) -> list:
@@ -915,7 +924,9 @@ class Run:
             resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"], "device": str(self.device)}
             # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
             settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
-                            resumes=previous.get("resumes", []) + [resume], wandb_run_id=previous.get("wandb_run_id"))
+                            resumes=previous.get("resumes", []) + [resume])
+            if "wandb_run_id" in previous:  # a tracked run continues its wandb run
+                settings["wandb_run_id"] = previous["wandb_run_id"]
         if args.track:  # before the run directory exists: a failed login leaves nothing behind
             settings["wandb_run_id"] = start_tracking(args, run_name, settings, self.dir)
         if resumed is None:
@@ -1062,6 +1073,54 @@ class Progress:
         return (f"step {state.global_step:,}/{total:,} ({100 * state.global_step / total:.1f}%) | {rate:,.0f} SPS recently | "
                 f"elapsed {format_duration(elapsed)} | ETA {eta} | {state.episodes:,} episodes, "
                 f"return (last {len(state.recent_returns)}) {recent}")
+
+
+def evaluate_saved_model(args: Args):
+    """--eval-model: the saved network plays --final-eval-episodes games on the evaluation env (seeded 2^31 - 1 - seed,
+    the run's evaluation epsilon), as the run's final evaluation; prints the statistics and writes them beside it."""
+    path = args.eval_model
+    out = f"{os.path.splitext(path)[0]}_eval_seed{args.seed}.json"
+    errors = check_args(args) + ([] if args.resume is None else ["--eval-model and --resume exclude each other"])
+    config = read_config(os.path.dirname(path) or ".")
+    if not os.path.isfile(path):
+        errors.append(f"--eval-model {path!r}: no such file (--save-model writes runs/RUN/EXP_NAME.cleanrl_model)")
+    elif config is not None and config["algo"] != ALGO:
+        errors.append(f"--eval-model {path!r} is a {config['algo'].upper()} model: evaluate it with {config['algo']}_atari_meanexp.py")
+    if os.path.exists(out):
+        errors.append(f"{out} exists (this model, this seed): move it away or choose another --seed (nothing was overwritten)")
+    if errors:
+        fail(errors)
+    probe = make_env(args, args.seed)()
+    n_actions = int(probe.action_space.n)
+    probe.close()
+    network = make_network(args, n_actions, default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef))
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    mine = network.state_dict()
+    if not isinstance(saved, dict) or saved.keys() != mine.keys():
+        fail([f"--eval-model {path!r} is not a network {ALGO}_atari_meanexp.py saves with these settings (another algorithm, "
+              "or another --network?)"])
+    wrong = [f"{k} {tuple(v.shape)} (here {tuple(mine[k].shape)})" for k, v in saved.items() if v.shape != mine[k].shape]
+    if wrong:
+        fail([f"--eval-model {path!r} does not fit {args.env_id} with {n_actions} actions (full action set: "
+              f"{args.full_action_space}): {', '.join(wrong)}"])
+    network.load_state_dict(saved)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    eval_seed = 2**31 - 1 - args.seed
+    env = make_env(args, eval_seed, args.capture_video, os.path.dirname(path) or ".", evaluation=True)()
+    env.reset(seed=eval_seed)
+    result = evaluate(network.to(device), env, device, args.eval_epsilon, args.gamma, np.random.default_rng(eval_seed),
+                      max_episodes=args.final_eval_episodes)
+    env.close()
+    scores = result["scores"]
+    write_json(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed, "epsilon": args.eval_epsilon,
+                     "episodes": len(scores), "scores": scores, "lengths": result["lengths"], "mean": float(np.mean(scores)),
+                     "median": float(np.median(scores)), "std": float(np.std(scores)),
+                     **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)}})
+    print(f"evaluation of {path}: mean {np.mean(scores):.1f}, median {np.median(scores):.1f} over {len(scores)} episodes, "
+          f"overestimation {result['overestimation']} -> {out}")
 
 
 def start_tracking(args: Args, run_name: str, settings: dict, run_dir: str) -> str:
