@@ -3,22 +3,17 @@
     python dqn_atari_meanexp.py --env-id ALE/Breakout-v5              # mean-expansion, k = |A|
     python dqn_atari_meanexp.py --env-id ALE/Breakout-v5 --me-coef 0  # plain DQN
 
-The mean-expansion layer ("Accelerating Q-learning through Efficient Value-Sharing
-across Actions", Nagarajan et al., ICML 2026) turns the network's raw output u into
-
-    Q(s, a) = u(s, a) + k * mean_b u(s, b)
-
-so every TD update on one action also moves the value shared by all actions of that
-state. It is the function `mean_expansion` below and the last line of
-`QNetwork.forward`; everything else is DQN as the paper's authors ran it (defaults
-= their protocol, see README.md). The paper's other rows are flags: --optimizer rmsprop
+The mean-expansion layer ("Accelerating Q-learning through Efficient Value-Sharing across Actions", Nagarajan
+et al., ICML 2026) turns the network's raw output u into Q(s, a) = u(s, a) + k * mean_b u(s, b), so every TD
+update on one action also moves the value shared by all actions of that state. It is the function
+`mean_expansion` below and the last line of `QNetwork.forward`; everything else is DQN as the paper's authors
+ran it (defaults = their protocol, see README.md). The paper's other rows are flags: --optimizer rmsprop
 --loss huber (the Nature DQN's), --network dueling, --network rdq --loss mse.
 
-How to read this script, top to bottom: Args (every flag; the defaults are the paper's protocol);
-the mean-expansion head and the networks; the environment; the replay buffer; the loss and the update;
-evaluation; the training loop (`main` and `train`: act, step, store, learn, sync the target, log,
-evaluate). The last section, the long-run machinery (checking flags, checkpoints and exact resume,
-signals, the run directory), keeps multi-day runs safe and can be skipped on a first reading.
+How to read it: Args (every flag; the defaults are the paper's protocol); the mean-expansion head and the
+networks; the environment; the replay buffer; the loss and the update; evaluation; the training loop (`main`
+and `train`: act, step, store, learn, sync the target, log, evaluate). The last section, the long-run machinery
+(flag checks, checkpoints and exact resume, signals, the run directory), can be skipped on a first reading.
 """
 
 import atexit
@@ -203,12 +198,8 @@ class QNetwork(nn.Module):
     def __init__(self, n_actions: int, me_coef: float):
         super().__init__()
         self.me_coef = me_coef
-        self.network = nn.Sequential(
-            *nature_convolutions(bias=0.1),
-            pfrl_init(nn.Linear(3136, 512), bias=0.1),
-            nn.ReLU(),
-            pfrl_init(nn.Linear(512, n_actions), bias=0.0),
-        )
+        self.network = nn.Sequential(*nature_convolutions(bias=0.1), pfrl_init(nn.Linear(3136, 512), bias=0.1), nn.ReLU(),
+                                     pfrl_init(nn.Linear(512, n_actions), bias=0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.network(x.float() / 255.0)  # x: uint8 frames (batch, 4, 84, 84)

@@ -345,18 +345,24 @@ def test_slurm_array_runs_every_planned_run(slurm, tmp_path):
     assert "4 already finished (skipped), 0 to run" in again.stdout and "submitted" not in again.stdout
 
 
+def submit_one_learning_task(tmp_path, flags):
+    """Submits one DQN run as a SLURM array task; returns (job, its log) once learning has started in it."""
+    proc = run_all(tmp_path, *SLURM_TASK, "--algos", "dqn", "--games", "pong", "--seeds", "1", "--k", "0", "--", *flags)
+    job = submitted_job(proc.stdout)
+    out = tmp_path / "runs" / "_batch" / "slurm" / f"{job}_0.out"
+    deadline = time.time() + 300
+    while not (out.exists() and "step 2" in out.read_text()):  # past step 200: learning has started
+        assert time.time() < deadline
+        time.sleep(0.2)
+    return job, out
+
+
 def test_slurm_task_preempted_by_sigterm_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
     flags = [*TINY, "--total-timesteps", "1500", "--progress-interval", "0.5"]
     straight = tmp_path / "straight"
     straight.mkdir()
     run_all(straight, "--algos", "dqn", "--games", "pong", "--seeds", "1", "--k", "0", "--", *flags)
-    proc = run_all(tmp_path, *SLURM_TASK, "--algos", "dqn", "--games", "pong", "--seeds", "1", "--k", "0", "--", *flags)
-    job = submitted_job(proc.stdout)
-    out = tmp_path / "runs" / "_batch" / "slurm" / f"{job}_0.out"
-    deadline = time.time() + 300
-    while not (out.exists() and "step 2" in out.read_text()):  # learning has started
-        assert time.time() < deadline
-        time.sleep(0.2)
+    job, out = submit_one_learning_task(tmp_path, flags)
     # a preemption: SIGTERM to every process of the task (the batch shell and the run), with no warning signal first
     subprocess.run(["scancel", "--signal=TERM", "--full", job], check=True)
     wait_for(job, done=lambda: out.read_text().rstrip().endswith("exit code 0"))
@@ -368,13 +374,7 @@ def test_slurm_task_preempted_by_sigterm_requeues_and_ends_as_an_uninterrupted_r
 
 def test_slurm_task_warned_of_its_time_limit_requeues_and_resumes(slurm, tmp_path):
     flags = [*TINY, "--total-timesteps", "1500", "--progress-interval", "0.5"]
-    proc = run_all(tmp_path, *SLURM_TASK, "--algos", "dqn", "--games", "pong", "--seeds", "1", "--k", "0", "--", *flags)
-    job = submitted_job(proc.stdout)
-    out = tmp_path / "runs" / "_batch" / "slurm" / f"{job}_0.out"
-    deadline = time.time() + 300
-    while not (out.exists() and "step 2" in out.read_text()):  # learning has started
-        assert time.time() < deadline
-        time.sleep(0.2)
+    job, out = submit_one_learning_task(tmp_path, flags)
     # what --signal=B:USR1@300 sends before the time limit (or a preemption notice): to the batch shell
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
 
