@@ -595,6 +595,14 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
 EVAL_STATISTICS = ("overestimation", "normalized_overestimation", "mean_q", "mean_return", "mean_discounted_return")
 
 
+def final_statistics(result: dict) -> dict:
+    """What final_eval.json (and --eval-model) report of an evaluation: the games' scores and the Q statistics."""
+    scores = result["scores"]
+    return {"episodes": len(scores), "scores": scores, "lengths": result["lengths"], "mean": float(np.mean(scores)),
+            "median": float(np.median(scores)), "std": float(np.std(scores)),
+            **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)}}
+
+
 # ===========================================================================
 # The training loop
 # ===========================================================================
@@ -774,14 +782,11 @@ def final_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
     result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng,
                       max_episodes=args.final_eval_episodes)
     p.eval_env.close()
-    scores = result["scores"]
     run.finish({
         "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "me_coef": run.me_coef, "total_steps": state.global_step,
         "network": f"best periodic evaluation (step {state.best_step})" if best else "final",
         "network_step": state.best_step if best else state.global_step, "epsilon": args.eval_epsilon,
-        "episodes": len(scores), "scores": scores, "lengths": result["lengths"], "mean": float(np.mean(scores)),
-        "median": float(np.median(scores)), "std": float(np.std(scores)),
-        **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)},
+        **final_statistics(result),
     })
 
 
@@ -944,10 +949,7 @@ class Run:
 
     def __init__(self, args: Args, resumed: Optional[dict]):
         self.args, self.resumed = args, resumed
-        probe = make_env(args, args.seed)()  # one env to learn |A| before anything large is allocated
-        self.n_actions = int(probe.action_space.n)
-        probe.close()
-        self.me_coef = default_me_coef(args, self.n_actions) if args.me_coef is None else float(args.me_coef)
+        self.n_actions, self.me_coef = actions_and_coef(args)
         check_memory(args)
         if resumed is None:
             run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{self.me_coef:g}__{args.seed}__{int(time.time())}"
@@ -957,11 +959,7 @@ class Run:
         else:
             self.dir, run_name = args.resume, args.run_name
         self.checkpoint_path = os.path.join(self.dir, CHECKPOINT)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        torch.backends.cudnn.deterministic = args.torch_deterministic
-        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.device = seed_and_device(args)
         self.eval_seed = 2**31 - 1 - args.seed  # the authors' evaluation seed
 
         # Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (a batch system's warning): checkpoint at the next safe point, then exit;
@@ -1142,10 +1140,8 @@ def evaluate_saved_model(args: Args):
         errors.append(f"{out} exists (this model, this seed): move it away or choose another --seed (nothing was overwritten)")
     if errors:
         fail(errors)
-    probe = make_env(args, args.seed)()
-    n_actions = int(probe.action_space.n)
-    probe.close()
-    network = make_network(args, n_actions, default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef))
+    n_actions, me_coef = actions_and_coef(args)
+    network = make_network(args, n_actions, me_coef)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     mine = network.state_dict()
     if not isinstance(saved, dict) or saved.keys() != mine.keys():
@@ -1156,23 +1152,17 @@ def evaluate_saved_model(args: Args):
         fail([f"--eval-model {path!r} does not fit {args.env_id} with {n_actions} actions (full action set: "
               f"{args.full_action_space}): {', '.join(wrong)}"])
     network.load_state_dict(saved)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = seed_and_device(args)
     eval_seed = 2**31 - 1 - args.seed
     env = make_env(args, eval_seed, args.capture_video, os.path.dirname(path) or ".", evaluation=True)()
     env.reset(seed=eval_seed)
     result = evaluate(network.to(device), env, device, args.eval_epsilon, args.gamma, np.random.default_rng(eval_seed),
                       max_episodes=args.final_eval_episodes)
     env.close()
-    scores = result["scores"]
-    write_json(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed, "epsilon": args.eval_epsilon,
-                     "episodes": len(scores), "scores": scores, "lengths": result["lengths"], "mean": float(np.mean(scores)),
-                     "median": float(np.median(scores)), "std": float(np.std(scores)),
-                     **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)}})
-    print(f"evaluation of {path}: mean {np.mean(scores):.1f}, median {np.median(scores):.1f} over {len(scores)} episodes, "
-          f"overestimation {result['overestimation']} -> {out}")
+    stats = final_statistics(result)
+    write_json(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed, "epsilon": args.eval_epsilon, **stats})
+    print(f"evaluation of {path}: mean {stats['mean']:.1f}, median {stats['median']:.1f} over {stats['episodes']} episodes, "
+          f"overestimation {stats['overestimation']} -> {out}")
 
 
 def start_tracking(args: Args, run_name: str, settings: dict, run_dir: str) -> str:
@@ -1190,6 +1180,23 @@ def start_tracking(args: Args, run_name: str, settings: dict, run_dir: str) -> s
     if args.capture_video:  # uploads each video as it is written
         wandb.save(os.path.join(os.path.abspath(run_dir), "videos", "*.mp4"), base_path=os.path.abspath(run_dir), policy="live")
     return tracked.id
+
+
+def actions_and_coef(args: Args) -> tuple:
+    """|A| of the game (one env built and closed, before anything large is allocated) and the run's k."""
+    probe = make_env(args, args.seed)()
+    n_actions = int(probe.action_space.n)
+    probe.close()
+    return n_actions, default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)
+
+
+def seed_and_device(args: Args) -> torch.device:
+    """Seeds Python's, NumPy's and PyTorch's generators; the device: CUDA where there is one and --cuda."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
 def check_memory(args: Args):

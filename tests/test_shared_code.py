@@ -17,6 +17,7 @@ SHARED = {"check_args", "available_memory_bytes", "make_env", "make_train_envs",
           "parse_args", "check_resume", "SnapshotEnv", "leave_signals_to_main_process", "atomic_save", "write_json", "rng_states",
           "set_rng_states", "HEADROOM_BYTES", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_REQUEUE", "EXIT_INTERRUPTED", "STOP_SIGNALS", "LoopState", "Parts", "train",
           "act", "record_episodes", "learn", "log_training", "periodic_evaluation", "final_evaluation", "Run", "Progress", "FireAfterLifeLoss", "evaluate_saved_model", "start_tracking",
+          "final_statistics", "actions_and_coef", "seed_and_device",
           "check_memory"}
 # shared flags whose default, type or text differ (PAPER.md): the optimizer's values, IQN's 200 final episodes, k's default
 ARGS_DIFFERENCES = {"exp_name", "learning_rate", "optimizer_eps", "final_eval_episodes", "me_coef"}
