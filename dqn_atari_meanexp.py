@@ -10,10 +10,10 @@ update on one action also moves the value shared by all actions of that state. I
 ran it (defaults = their protocol, see README.md). The paper's other rows are flags: --optimizer rmsprop
 --loss huber (the Nature DQN's), --network dueling, --network rdq --loss mse.
 
-How to read it: Args (every flag; the defaults are the paper's protocol); the mean-expansion head and the
-networks; the environment; the replay buffer; the loss and the update; evaluation; the training loop (`main`
-and `train`: act, step, store, learn, sync the target, log, evaluate). The last section, the long-run machinery
-(flag checks, checkpoints and exact resume, signals, the run directory), can be skipped on a first reading.
+How to read this script, top to bottom: Args (every flag; the defaults are the paper's protocol); the mean-expansion
+head and the networks; the environment; the replay buffer; the loss and the update; evaluation; the training loop
+(`main` and `train`: act, step, store, learn, sync the target, log, evaluate). The last section, the long-run
+machinery (flag checks, checkpoints and exact resume, signals, the run directory), can be skipped on a first reading.
 """
 
 import atexit
@@ -87,7 +87,7 @@ class Args:
     fire_reset: bool = False
     """if toggled, press FIRE after each reset in games that need it"""
     noop_max: int = 0
-    """at most this many no-op frames at the start of each episode (0: none, as in the authors' code; DQN papers often use 30)"""
+    """at most this many no-op frames at the start of each episode (0: none, as in the authors' code; DQN papers use 30)"""
     frame_skip: int = 4
     """emulator frames per agent step (the action repeats, the observation is the max of the last two frames)"""
     max_episode_steps: int = 27_000
@@ -148,7 +148,7 @@ class Args:
 
     # Checkpoints: a long run survives preemption and time limits (README.md, "Long runs")
     checkpoint_interval: int = 1_000_000
-    """agent steps between checkpoints to runs/{run_name}/checkpoint.pt (0: only at the start, the end and on SIGTERM/SIGUSR1)"""
+    """agent steps between checkpoints to runs/{run_name}/checkpoint.pt (0: only at the start, the end and on a signal)"""
     checkpoint_buffer: bool = True
     """whether checkpoints hold the replay buffer (7 GB when full); without it a resumed run refills it before learning"""
     resume: Optional[str] = None
@@ -220,7 +220,8 @@ class DuelingNetwork(nn.Module):
         self.me_coef, self.regularized = me_coef, regularized
         self.torso = nn.Sequential(*nature_convolutions(bias=0.03))
         self.value = nn.Sequential(pfrl_init(nn.Linear(3136, 512), 0.0), nn.ReLU(), pfrl_init(nn.Linear(512, 1), 0.0))
-        self.advantage = nn.Sequential(pfrl_init(nn.Linear(3136, 512), 0.0), nn.ReLU(), pfrl_init(nn.Linear(512, n_actions), 0.0))
+        self.advantage = nn.Sequential(pfrl_init(nn.Linear(3136, 512), 0.0), nn.ReLU(),
+                                       pfrl_init(nn.Linear(512, n_actions), 0.0))
 
     def streams(self, x: torch.Tensor) -> tuple:
         """V (batch, 1) and A (batch, |A|) of uint8 frames (batch, 4, 84, 84)."""
@@ -402,6 +403,11 @@ class ReplayBuffer:
             self.valid[e, q] &= self.history[e, q] < back
         self.cursor = (c + 1) % self.slots
         self.filled = min(self.filled + 1, self.slots)
+
+    def start_episodes(self, frames):
+        """Stores every env's first frame of a new episode (a fresh run, or a resume without the saved buffer)."""
+        zeros = np.zeros(self.num_envs)
+        self.add(frames, np.ones(self.num_envs, dtype=bool), zeros, zeros, zeros, zeros)
 
     def state_dict(self) -> dict:
         """The filled part of every ring, as tensors that share the arrays' memory: no copy, however large."""
@@ -671,7 +677,7 @@ def main(args: Args):
     state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=run.device),
                       bad_step=torch.tensor(-1, device=run.device), update_origin=(args.learning_starts, 0))
     if run.resumed is None:
-        rb.add(obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))  # each env's first frame
+        rb.start_episodes(obs[:, -1])
     state = run.begin(state, parts)  # a resumed run: the checkpoint's state; a new one: a first checkpoint
     print(f"{ALGO} k={run.me_coef:g} on {args.env_id} ({run.n_actions} actions), {args.num_envs} env(s), "
           f"device {run.device}, logs in {run.dir}")
@@ -732,7 +738,8 @@ def learn(args: Args, p: Parts, state: LoopState):
     while state.updates < origin_updates + (state.global_step - origin_step) // args.train_frequency:
         stats = torch.stack(update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args))
         state.sums += stats
-        state.bad_step = torch.where((state.bad_step < 0) & ~stats.isfinite().all(), state.global_step, state.bad_step)  # no sync
+        first_bad = (state.bad_step < 0) & ~stats.isfinite().all()  # on the device: no sync
+        state.bad_step = torch.where(first_bad, state.global_step, state.bad_step)
         state.updates += 1
 
 
@@ -755,7 +762,8 @@ def log_training(run: "Run", p: Parts, state: LoopState, epsilon: float):
 def periodic_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
     """Evaluates the online network and keeps the best one, which the protocol's final evaluation plays."""
     started = time.time()
-    result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng, max_steps=args.eval_steps)
+    result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng,
+                      max_steps=args.eval_steps)
     run.progress.eval_time += time.time() - started  # not training time
     state.evaluations += 1
     score = float(np.mean(result["scores"]))
@@ -811,13 +819,13 @@ def check_args(args: Args) -> list:
     errors = []
     if args.env_id not in gym.registry:
         close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
-        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5 or BreakoutNoFrameskip-v4"
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5"
         errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
     elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
         errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
-                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate", "optimizer_eps",
-                "progress_interval"]
+                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate",
+                "optimizer_eps", "progress_interval"]
     non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
     probabilities = ["start_e", "end_e", "eval_epsilon"]
     for name in positive:
@@ -873,7 +881,9 @@ def parse_args(argv=None) -> Args:
     """The command line. With --resume RUN_DIR (or --eval-model RUN_DIR/MODEL), the flags not given take the run's
     saved settings, not the defaults."""
     args = tyro.cli(Args, args=argv)
-    run_dir = args.resume if args.resume is not None else (os.path.dirname(args.eval_model) or ".") if args.eval_model else None
+    run_dir = args.resume
+    if args.eval_model is not None:
+        run_dir = os.path.dirname(args.eval_model) or "."
     config = read_config(run_dir) if run_dir is not None else None
     if config is None:
         return args  # main() explains what is wrong with --resume; --eval-model without config.json uses the flags
@@ -940,7 +950,7 @@ class Run:
         if args.resume is not None:
             resumed = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=False, mmap=True)
             if resumed["global_step"] > args.total_timesteps:
-                fail([f"--total-timesteps {args.total_timesteps} is below the {resumed['global_step']} steps the run has done"])
+                fail([f"--total-timesteps {args.total_timesteps} is below the {resumed['global_step']} steps done"])
             if resumed["global_step"] == args.total_timesteps and os.path.exists(os.path.join(args.resume, "final_eval.json")):
                 print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
                       "(a larger --total-timesteps extends it)")
@@ -952,7 +962,8 @@ class Run:
         self.n_actions, self.me_coef = actions_and_coef(args)
         check_memory(args)
         if resumed is None:
-            run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__k{self.me_coef:g}__{args.seed}__{int(time.time())}"
+            game = args.env_id.replace("/", "-")
+            run_name = args.run_name or f"{game}__{args.exp_name}__k{self.me_coef:g}__{args.seed}__{int(time.time())}"
             self.dir = os.path.join("runs", run_name)
             if os.path.exists(self.dir):
                 fail([f"run directory {self.dir} already exists; choose another --run-name (nothing was overwritten)"])
@@ -971,7 +982,8 @@ class Run:
         settings = effective_settings(args, run_name, self.n_actions, self.me_coef, self.device)
         if resumed is not None:  # the first command stays; each resume is recorded after it
             previous = read_config(self.dir)
-            resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"], "device": str(self.device)}
+            resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"],
+                      "device": str(self.device)}
             # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
             settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
                             resumes=previous.get("resumes", []) + [resume])
@@ -985,7 +997,8 @@ class Run:
         # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
         self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
         if resumed is None:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in settings.items()))
+            table = "\n".join(f"|{k}|{v}|" for k, v in settings.items())
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         self.checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
         self.checkpoint_due = False
 
@@ -1004,7 +1017,8 @@ class Run:
         copy_out = lambda t: t.to(self.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
         # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
         state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
-        state.sums, state.bad_step, state.update_origin = copy_out(state.sums), copy_out(state.bad_step), tuple(state.update_origin)
+        state.sums, state.bad_step = copy_out(state.sums), copy_out(state.bad_step)
+        state.update_origin = tuple(state.update_origin)
         if state.best_state is not None:
             state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
         p.q_network.load_state_dict(saved["q_network"])
@@ -1019,7 +1033,7 @@ class Run:
         if saved["replay"] is not None:
             p.rb.load_state_dict(saved["replay"])
         else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
-            p.rb.add(state.obs[:, -1], np.ones(args.num_envs, bool), *([np.zeros(args.num_envs)] * 4))
+            p.rb.start_episodes(state.obs[:, -1])
             state.update_origin = (state.global_step + args.learning_starts, state.updates)
         print(f"resumed {self.dir} at step {state.global_step:,}")
         self.resumed = None  # closes the file's memory map
@@ -1029,9 +1043,10 @@ class Run:
         """Writes everything the loop needs to go on exactly as if it had never stopped."""
         self.check_finite(state, p)
         self.writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
-        saved = {"algo": ALGO, **vars(state), "q_network": p.q_network.state_dict(), "target_network": p.target_network.state_dict(),
-                 "optimizer": p.optimizer.state_dict(), "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot,
-                 "rng": rng_states(self.device), "explore_rng": p.rng.bit_generator.state, "eval_rng": p.eval_rng.bit_generator.state,
+        saved = {"algo": ALGO, **vars(state), "q_network": p.q_network.state_dict(),
+                 "target_network": p.target_network.state_dict(), "optimizer": p.optimizer.state_dict(),
+                 "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot, "rng": rng_states(self.device),
+                 "explore_rng": p.rng.bit_generator.state, "eval_rng": p.eval_rng.bit_generator.state,
                  "replay": p.rb.state_dict() if self.args.checkpoint_buffer else None}
         atomic_save(self.checkpoint_path, lambda tmp: torch.save(saved, tmp))
         self.checkpoint_step = state.global_step
@@ -1074,7 +1089,7 @@ class Run:
             self.checkpoint(state, p)  # the end of training: a final evaluation cut short, or a longer run, resumes from here
         p.envs.close()
         self.training_done = True
-        for sig in self.previous_handlers:  # the checkpoint now holds the whole run: a signal stops the final evaluation at once
+        for sig in self.previous_handlers:  # the checkpoint holds the whole run: a signal stops the final evaluation now
             signal.signal(sig, self.exit_for_requeue)
         if self.stop_signals:  # one came on the last training step, while an env was due to autoreset
             self.exit_for_requeue(self.stop_signals[0])
@@ -1135,7 +1150,8 @@ def evaluate_saved_model(args: Args):
     if not os.path.isfile(path):
         errors.append(f"--eval-model {path!r}: no such file (--save-model writes runs/RUN/EXP_NAME.cleanrl_model)")
     elif config is not None and config["algo"] != ALGO:
-        errors.append(f"--eval-model {path!r} is a {config['algo'].upper()} model: evaluate it with {config['algo']}_atari_meanexp.py")
+        errors.append(f"--eval-model {path!r} is a {config['algo'].upper()} model: "
+                      f"evaluate it with {config['algo']}_atari_meanexp.py")
     if os.path.exists(out):
         errors.append(f"{out} exists (this model, this seed): move it away or choose another --seed (nothing was overwritten)")
     if errors:
@@ -1160,7 +1176,8 @@ def evaluate_saved_model(args: Args):
                       max_episodes=args.final_eval_episodes)
     env.close()
     stats = final_statistics(result)
-    write_json(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed, "epsilon": args.eval_epsilon, **stats})
+    write_json(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed, "epsilon": args.eval_epsilon,
+                     **stats})
     print(f"evaluation of {path}: mean {stats['mean']:.1f}, median {stats['median']:.1f} over {stats['episodes']} episodes, "
           f"overestimation {stats['overestimation']} -> {out}")
 
@@ -1178,7 +1195,8 @@ def start_tracking(args: Args, run_name: str, settings: dict, run_dir: str) -> s
         fail([f"--track: wandb could not start ({type(e).__name__}: {e}); run `wandb login`, or set WANDB_MODE=offline "
               "and upload later with `wandb sync`"])
     if args.capture_video:  # uploads each video as it is written
-        wandb.save(os.path.join(os.path.abspath(run_dir), "videos", "*.mp4"), base_path=os.path.abspath(run_dir), policy="live")
+        run_dir = os.path.abspath(run_dir)
+        wandb.save(os.path.join(run_dir, "videos", "*.mp4"), base_path=run_dir, policy="live")
     return tracked.id
 
 
@@ -1272,7 +1290,8 @@ def effective_settings(args: Args, run_name: str, n_actions: int, me_coef: float
         life_loss="ends the training episode" if args.episodic_life else "does not end the episode",
         replay_bytes=ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs),
         device=str(device),
-        versions={"torch": torch.__version__, "gymnasium": gym.__version__, "ale_py": ale_py.__version__, "numpy": np.__version__},
+        versions={"torch": torch.__version__, "gymnasium": gym.__version__, "ale_py": ale_py.__version__,
+                  "numpy": np.__version__},
         command=" ".join(sys.argv),
     )
     return settings

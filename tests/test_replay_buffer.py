@@ -48,7 +48,7 @@ def run_into_buffer(envs, rb, steps, seed=0):
     rng = np.random.default_rng(seed)
     n = envs.num_envs
     obs, _ = envs.reset(seed=seed)
-    rb.add(obs[:, -1], np.ones(n, bool), *([np.zeros(n)] * 4))
+    rb.start_episodes(obs[:, -1])
     starting = np.zeros(n, bool)
     frames = [[(obs[i], True)] for i in range(n)]  # per env: (stack the env returned, starts an episode)
     transitions = [[] for _ in range(n)]  # per env: (obs, action, reward, terminated, truncated, next_obs)
@@ -139,6 +139,6 @@ def test_frames_are_stored_once():
 
 def test_sampling_before_any_transition_is_an_error():
     rb = ReplayBuffer(100, 1, torch.device("cpu"))
-    rb.add(np.zeros((1, 84, 84), np.uint8), np.ones(1, bool), *([np.zeros(1)] * 4))
+    rb.start_episodes(np.zeros((1, 84, 84), np.uint8))
     with pytest.raises(RuntimeError, match="no complete transition"):
         rb.sample(4)

@@ -1,0 +1,71 @@
+"""The layout a reader relies on (issue 14): the method first, the sections in the order the docstring names them,
+short functions, the long-run machinery last, and a diff between the two scripts that shows only the algorithm."""
+
+import ast
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = {"dqn_atari_meanexp.py": ("QNetwork", "DuelingNetwork"), "iqn_atari_meanexp.py": ("IQNNetwork",)}
+# the section headers, in order, and the words of the docstring's "How to read" paragraph that name each
+SECTIONS = [("# The mean-expansion head and the networks", "the mean-expansion head"),
+            ("# Environment:", "the environment"), ("# Replay buffer:", "the replay buffer"),
+            ("# Loss and update:", "the loss and the update"), ("# Evaluation:", "evaluation"),
+            ("# The training loop", "the training loop"),
+            ("# The long-run machinery: a first reader may skip it.", "long-run machinery")]
+
+
+def read(name):
+    with open(os.path.join(ROOT, name)) as f:
+        text = f.read()
+    return text, ast.parse(text)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_method_comes_first_and_the_sections_follow_in_the_documented_order(name):
+    text, tree = read(name)
+    lines = text.splitlines()
+    defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    for head in ("mean_expansion", "make_network", *SCRIPTS[name]):
+        assert defs[head].end_lineno <= 250, f"{name}: {head} ends at line {defs[head].end_lineno}, after line 250"
+    header_lines = [next((i for i, line in enumerate(lines) if line.startswith(header)), None) for header, _ in SECTIONS]
+    assert None not in header_lines, f"{name}: a section header is missing: {header_lines}"
+    assert header_lines == sorted(header_lines), f"{name}: the sections are out of order: {header_lines}"
+    assert defs["mean_expansion"].lineno > header_lines[0]
+    machinery = header_lines[-1]
+    for loop_piece in ("main", "train", "act", "learn", "final_evaluation"):  # the loop is read before the machinery
+        assert defs[loop_piece].lineno < machinery, f"{name}: {loop_piece} is in the machinery section"
+    for plumbing in ("Run", "check_args", "SnapshotEnv", "atomic_save", "parse_args"):
+        assert defs[plumbing].lineno > machinery, f"{name}: {plumbing} comes before the machinery header"
+    docstring = " ".join(ast.get_docstring(tree).split())
+    assert "How to read this script" in docstring
+    how_to_read = docstring[docstring.index("How to read this script"):]
+    positions = [how_to_read.find(words) for _, words in SECTIONS]
+    assert -1 not in positions and positions == sorted(positions), f"{name}: 'How to read' names {positions}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_functions_are_short_and_lines_fit_the_formatter_width(name):
+    text, tree = read(name)
+    long_functions = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+                      if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
+    assert not long_functions, f"{name}: functions over 80 lines: {long_functions}"
+    long_lines = [i + 1 for i, line in enumerate(text.splitlines()) if len(line) > 127]  # CleanRL's black line length
+    assert not long_lines, f"{name}: lines over 127 characters: {long_lines}"
+
+
+def test_the_two_scripts_differ_in_at_most_260_lines():
+    diff = subprocess.run(["diff", "dqn_atari_meanexp.py", "iqn_atari_meanexp.py"], cwd=ROOT, capture_output=True, text=True)
+    assert diff.returncode == 1, diff.stderr  # 1: the files differ (2: trouble)
+    changed = [line for line in diff.stdout.splitlines() if line.startswith(("< ", "> ")) or line in ("<", ">")]
+    assert len(changed) <= 260, f"`diff dqn_atari_meanexp.py iqn_atari_meanexp.py` shows {len(changed)} lines"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_algorithm_before_the_machinery_reads_in_under_900_lines(name):
+    lines = read(name)[0].splitlines()
+    machinery = next(i for i, line in enumerate(lines) if line.startswith(SECTIONS[-1][0]))
+    assert machinery <= 900, f"{name}: the machinery section starts at line {machinery + 1}"
