@@ -1046,7 +1046,8 @@ class Run:
         """Writes final_eval.json (keeping an earlier result of an extended run) and closes the logs."""
         final_path = os.path.join(self.dir, "final_eval.json")
         if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result
-            previous = json.load(open(final_path))
+            with open(final_path) as f:
+                previous = json.load(f)
             os.replace(final_path, os.path.join(self.dir, f"final_eval_step{previous['total_steps']}.json"))
         write_json(final_path, final)
         self.writer.close()
