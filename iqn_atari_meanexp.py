@@ -217,7 +217,7 @@ class IQNNetwork(nn.Module):
 
 
 def make_network(args: Args, n_actions: int, me_coef: float) -> nn.Module:
-    """The one place the training loop learns which network class it trains."""
+    """Builds the network the run trains: its class is chosen here and nowhere else."""
     return IQNNetwork(n_actions, me_coef, args.quantile_embedding_dim, args.num_quantile_samples)
 
 
@@ -246,8 +246,10 @@ def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = 
             max_num_frames_per_episode=0,  # no ALE frame limit: TimeLimit below counts agent steps
             render_mode="rgb_array" if capture_video else None,
         )
-        if args.sticky_action_prob > 0:  # per frame, like ALE's own (Machado et al. 2018), but the action it repeats is
-            env = gym.wrappers.StickyAction(env, args.sticky_action_prob)  # Python state a checkpoint saves (ALE's is not)
+        # sticky actions per frame, as ALE's own (Machado et al. 2018), but in a wrapper: the action it repeats is
+        # Python state that a checkpoint saves (ALE's is not)
+        if args.sticky_action_prob > 0:
+            env = gym.wrappers.StickyAction(env, args.sticky_action_prob)
         if capture_video:
             env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"))
         if args.noop_max > 0:
@@ -265,7 +267,7 @@ def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = 
         env = gym.wrappers.ReshapeObservation(env, (84, 84))
         env = gym.wrappers.FrameStackObservation(env, 4)  # (4, 84, 84); an episode's first frame pads its first stacks
         env = SnapshotEnv(env)
-        env.action_space.seed(seed)
+        env.action_space.seed(seed)  # the games themselves are seeded by the first reset(seed=...)
         return env
 
     return thunk
@@ -302,6 +304,14 @@ def make_train_envs(args: Args, run_dir: str):
         return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     thunks = [leave_signals_to_main_process(thunk) for thunk in thunks]
     return gym.vector.AsyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def make_eval_env(args: Args, capture_video: bool = False, video_dir: str = ""):
+    """The evaluation env and the generator of its epsilon draws, both seeded 2^31 - 1 - seed (the authors' seed)."""
+    seed = 2**31 - 1 - args.seed
+    env = make_env(args, seed, capture_video, video_dir, evaluation=True)()
+    env.reset(seed=seed)  # seeds the eval games once; later resets continue its RNG
+    return env, np.random.default_rng(seed)
 
 
 # ===========================================================================
@@ -506,6 +516,10 @@ def episode_statistics(q, rewards, gamma: float, bootstrap: float) -> dict:
             "mean_discounted_return": discounted_returns(rewards, gamma)[0]}  # G_0 without the bootstrap
 
 
+EVAL_STATISTICS = ("overestimation", "normalized_overestimation", "mean_q", "mean_return", "mean_discounted_return")
+EVAL_LOGGED = EVAL_STATISTICS + ("truncated_episodes",)  # what TensorBoard and final_eval.json get besides the scores
+
+
 @torch.no_grad()
 def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=None, max_episodes=None) -> dict:
     """Plays until max_steps agent steps or max_episodes episodes; with probability epsilon a random action
@@ -518,7 +532,8 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
 
     def greedy(obs):
         """(the greedy action, its Q). Two estimates of Q(s, .) in one call: where Q is itself sampled (IQN's taus),
-        recording the estimate that picked the action would bias the recorded Q upward (a winner's curse)."""
+        recording the estimate that picked the action would bias the recorded Q upward (a winner's curse). Where Q is
+        not sampled (DQN) the two rows are equal, and the code stays the same in both scripts."""
         obs_t = torch.as_tensor(obs, device=device)
         q_act, q_record = network.q_values(obs_t[None].expand(2, *obs_t.shape)).cpu().numpy()
         action = int(q_act.argmax())
@@ -549,15 +564,12 @@ def evaluate(network, env, device, epsilon: float, gamma: float, rng, max_steps=
     return {"scores": scores, "lengths": lengths, "steps": steps, "truncated_episodes": truncated_episodes, **stats}
 
 
-EVAL_STATISTICS = ("overestimation", "normalized_overestimation", "mean_q", "mean_return", "mean_discounted_return")
-
-
 def final_statistics(result: dict) -> dict:
     """What final_eval.json (and --eval-model) report of an evaluation: the games' scores and the Q statistics."""
     scores = result["scores"]
     return {"episodes": len(scores), "scores": scores, "lengths": result["lengths"], "mean": float(np.mean(scores)),
             "median": float(np.median(scores)), "std": float(np.std(scores)),
-            **{key: result[key] for key in EVAL_STATISTICS + ("truncated_episodes",)}}
+            **{key: result[key] for key in EVAL_LOGGED}}
 
 
 # ===========================================================================
@@ -571,6 +583,12 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return start_e + (end_e - start_e) * min(t / duration, 1.0)
 
 
+def crossed(before: int, after: int, interval: int) -> int:
+    """How many multiples of interval lie in (before, after]: an event every `interval` steps is due. (With N envs
+    the step count jumps by up to N, so `step % interval == 0` could skip a multiple.)"""
+    return after // interval - before // interval if interval > 0 else 0
+
+
 @dataclass
 class LoopState:
     """Everything the training loop carries from one step to the next: a checkpoint saves it, a resume restores it."""
@@ -579,7 +597,9 @@ class LoopState:
     starting: np.ndarray  # envs whose next step() is an autoreset, not a transition
     sums: torch.Tensor  # loss, Q, action gap summed on the device between log points
     bad_step: torch.Tensor  # the first step whose loss or Q was not finite (-1: none), read at log points
-    update_origin: tuple  # (step, updates): one update per train_frequency agent steps after that step
+    # (step, updates by then): no update until that step (--learning-starts, or the refill of a resume without the
+    # buffer), then one per --train-frequency agent steps
+    update_origin: tuple
     global_step: int = 0
     updates: int = 0
     logged_updates: int = 0  # the updates up to the last log point
@@ -609,7 +629,7 @@ def main(args: Args):
     """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
     if args.eval_model is not None:
         return evaluate_saved_model(args)  # no training: the machinery at the end
-    run = Run.start(args)  # checks, run directory, config.json, TensorBoard, signals: the machinery at the end
+    run = Run.start(args)  # checks, seeds, device, |A| and k, run directory, TensorBoard, signals: the machinery
     if run is None:
         return  # a finished run: nothing to do
     q_network = make_network(args, run.n_actions, run.me_coef).to(run.device)
@@ -619,11 +639,10 @@ def main(args: Args):
         target_network.compile(dynamic=False)
     envs = make_train_envs(args, run.dir)
     atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
-    eval_env = make_env(args, run.eval_seed, evaluation=True)()
-    eval_env.reset(seed=run.eval_seed)  # seeds the eval games once; later resets continue its RNG
+    eval_env, eval_rng = make_eval_env(args)
     rb = ReplayBuffer(args.buffer_size, args.num_envs, run.device, seed=args.seed)
     parts = Parts(q_network, target_network, make_optimizer(args, q_network), rb, envs, eval_env,
-                  rng=np.random.default_rng(args.seed), eval_rng=np.random.default_rng(run.eval_seed))
+                  rng=np.random.default_rng(args.seed), eval_rng=eval_rng)
     obs, _ = envs.reset(seed=args.seed)
     state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=run.device),
                       bad_step=torch.tensor(-1, device=run.device), update_origin=(args.learning_starts, 0))
@@ -642,6 +661,7 @@ def train(args: Args, run: "Run", p: Parts, state: LoopState):
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, state.global_step)
         actions = act(p.q_network, state.obs, epsilon, p.rng, run.n_actions, run.device)
         next_obs, rewards, terminated, truncated, infos = p.envs.step(actions)
+        # state.starting is still the previous step's: where it is set, this step was an autoreset (no transition)
         p.rb.add(next_obs[:, -1], state.starting, actions, rewards, terminated, truncated)
         before = state.global_step
         state.global_step += int((~state.starting).sum())  # an autoreset step moves no game forward
@@ -674,7 +694,7 @@ def act(q_network: nn.Module, obs: np.ndarray, epsilon: float, rng, n_actions: i
 def record_episodes(writer: SummaryWriter, infos: dict, state: LoopState):
     """Logs the score and length of each training game that ended this step."""
     if "episode" in infos:
-        for i in np.flatnonzero(infos["_episode"]):
+        for i in np.flatnonzero(infos["_episode"]):  # gymnasium's mask of the envs whose game ended this step
             writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], state.global_step)
             writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], state.global_step)
             state.recent_returns = (state.recent_returns + [float(infos["episode"]["r"][i])])[-20:]
@@ -684,7 +704,7 @@ def record_episodes(writer: SummaryWriter, infos: dict, state: LoopState):
 def learn(args: Args, p: Parts, state: LoopState):
     """The updates now due: updates per agent step stay 1/train_frequency whatever the number of envs."""
     origin_step, origin_updates = state.update_origin
-    if state.global_step <= origin_step:
+    if state.global_step <= origin_step:  # learning has not started yet
         return
     while state.updates < origin_updates + (state.global_step - origin_step) // args.train_frequency:
         stats = torch.stack(update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args))
@@ -695,7 +715,8 @@ def learn(args: Args, p: Parts, state: LoopState):
 
 
 def log_training(run: "Run", p: Parts, state: LoopState, epsilon: float):
-    """TensorBoard: means over the updates since the last point (.tolist() is the one device sync), rate, epsilon."""
+    """TensorBoard: means over the updates since the last point, rate, epsilon. Here (.tolist(), check_finite) and
+    at checkpoints are the loop's only device syncs."""
     step, writer = state.global_step, run.writer
     if state.updates > state.logged_updates:
         loss, q_mean, gap = (state.sums / (state.updates - state.logged_updates)).tolist()
@@ -719,7 +740,7 @@ def periodic_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
     state.evaluations += 1
     score = float(np.mean(result["scores"]))
     run.writer.add_scalar("eval/episodic_return", score, state.global_step)
-    for key in EVAL_STATISTICS + ("truncated_episodes",):
+    for key in EVAL_LOGGED:
         if result[key] is not None:  # None: no episode finished within --eval-steps
             run.writer.add_scalar(f"eval/{key}", result[key], state.global_step)
     if score > state.best_score:
@@ -735,16 +756,16 @@ def final_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
         torch.save(p.q_network.state_dict(), os.path.join(run.dir, f"{args.exp_name}.cleanrl_model"))
         if state.best_state is not None:
             torch.save(state.best_state, os.path.join(run.dir, f"{args.exp_name}_best.cleanrl_model"))
-    best = state.best_state is not None
-    if best:
+    use_best = state.best_state is not None
+    if use_best:
         p.q_network.load_state_dict(state.best_state)
     result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng,
                       max_episodes=args.final_eval_episodes)
     p.eval_env.close()
     run.finish({
         "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "me_coef": run.me_coef, "total_steps": state.global_step,
-        "network": f"best periodic evaluation (step {state.best_step})" if best else "final",
-        "network_step": state.best_step if best else state.global_step, "epsilon": args.eval_epsilon,
+        "network": f"best periodic evaluation (step {state.best_step})" if use_best else "final",
+        "network_step": state.best_step if use_best else state.global_step, "epsilon": args.eval_epsilon,
         **final_statistics(result),
     })
 
@@ -919,7 +940,6 @@ class Run:
             self.dir, run_name = args.resume, args.run_name
         self.checkpoint_path = os.path.join(self.dir, CHECKPOINT)
         self.device = seed_and_device(args)
-        self.eval_seed = 2**31 - 1 - args.seed  # the authors' evaluation seed
 
         # Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (a batch system's warning): checkpoint at the next safe point, then exit;
         # a second one while the checkpoint is written is only recorded, so the write always completes
@@ -1118,10 +1138,8 @@ def evaluate_saved_model(args: Args):
               f"{args.full_action_space}): {', '.join(wrong)}"])
     network.load_state_dict(saved)
     device = seed_and_device(args)
-    eval_seed = 2**31 - 1 - args.seed
-    env = make_env(args, eval_seed, args.capture_video, os.path.dirname(path) or ".", evaluation=True)()
-    env.reset(seed=eval_seed)
-    result = evaluate(network.to(device), env, device, args.eval_epsilon, args.gamma, np.random.default_rng(eval_seed),
+    env, eval_rng = make_eval_env(args, args.capture_video, os.path.dirname(path) or ".")
+    result = evaluate(network.to(device), env, device, args.eval_epsilon, args.gamma, eval_rng,
                       max_episodes=args.final_eval_episodes)
     env.close()
     stats = final_statistics(result)
@@ -1249,11 +1267,6 @@ def effective_settings(args: Args, run_name: str, n_actions: int, me_coef: float
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-def crossed(before: int, after: int, interval: int) -> int:
-    """How many multiples of interval lie in (before, after]: events due as the step count advances."""
-    return after // interval - before // interval if interval > 0 else 0
 
 
 def atomic_save(path: str, save):

@@ -18,7 +18,7 @@ SHARED = {"check_args", "available_memory_bytes", "make_env", "make_train_envs",
           "set_rng_states", "HEADROOM_BYTES", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_REQUEUE", "EXIT_INTERRUPTED", "STOP_SIGNALS", "LoopState", "Parts", "train",
           "act", "record_episodes", "learn", "log_training", "periodic_evaluation", "final_evaluation", "Run", "Progress", "FireAfterLifeLoss", "evaluate_saved_model", "start_tracking",
           "final_statistics", "actions_and_coef", "seed_and_device",
-          "check_memory"}
+          "check_memory", "make_eval_env", "EVAL_LOGGED"}
 # shared flags whose default, type or text differ (PAPER.md): the optimizer's values, IQN's 200 final episodes, k's default
 ARGS_DIFFERENCES = {"exp_name", "learning_rate", "optimizer_eps", "final_eval_episodes", "me_coef"}
 DQN_ONLY_FLAGS = {"network", "loss", "optimizer", "rdq_penalty"}  # IQN has one network, loss and optimizer
