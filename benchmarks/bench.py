@@ -3,6 +3,7 @@
     python benchmarks/bench.py                          # DQN and IQN, 1 env, the paper's env settings
     python benchmarks/bench.py --num-envs 1 2 4 8 16    # a table of rate vs --num-envs
     python benchmarks/bench.py --quick                  # under a minute on CPU (the tests run it)
+    python benchmarks/bench.py --algos dqn --concurrent 1 2 4 8 --json benchmarks/results/RESULT.json
 
 For each algorithm and number of envs it measures, on the device the scripts would use:
 - env-only rate: random actions through the scripts' own env stack (make_train_envs): the limit;
@@ -11,7 +12,9 @@ For each algorithm and number of envs it measures, on the device the scripts wou
 - the training-phase rate of the real script (its main() in a subprocess, after learning starts,
   evaluation off), read from the wall times of its TensorBoard points, and its share of the rate allowed;
 - the script's peak resident memory, peak GPU memory (with CUDA), and replay bytes per transition.
-It prints a table and writes JSON (--out).
+With --concurrent N, N copies of the real script train at once on the same machine (and GPU), and each
+one's rate is reported: `training_sps` is then the mean rate of one run, `total_training_sps` their sum.
+It prints a table and, with --json PATH, writes {"device", "date", "command", "versions", "machine", "rows"}.
 """
 
 import argparse
@@ -110,44 +113,85 @@ def component_times(script, args, device, repeats: int) -> dict:
     result = {
         "act_ms": 1e3 * timed(act, repeats * 5, device),
         "sample_ms": 1e3 * timed(lambda: rb.sample(args.batch_size), repeats * 5, device),
-        "update_ms": 1e3 * timed(lambda: script.update(network, target, optimizer, rb.sample(args.batch_size), args), repeats, device),
+        "update_ms": 1e3 * timed(lambda: script.update(network, target, optimizer, rb.sample(args.batch_size), args),
+                                 repeats, device),
     }
     result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return result
 
 
-def training_rate(algo: str, flags: list, learning_starts: int, train_steps: int, log_interval: int) -> dict:
-    """The real script: its rate between two log points after learning starts, and its peak resident memory."""
-    with tempfile.TemporaryDirectory() as cwd:
-        command = [sys.executable, os.path.join(ROOT, f"{algo}_atari_meanexp.py"), *flags, "--run-name", "bench",
-                   "--learning-starts", str(learning_starts), "--total-timesteps", str(learning_starts + train_steps),
-                   "--log-interval", str(log_interval), "--eval-interval", "0", "--final-eval-episodes", "1",
-                   "--checkpoint-interval", "0", "--no-checkpoint-buffer", "--progress-interval", "1000000"]
-        proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        output = proc.stdout.read()
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{output}")
-        accumulator = EventAccumulator(glob.glob(os.path.join(cwd, "runs", "bench"))[0], size_guidance={"scalars": 0})
-        accumulator.Reload()
-        points = [p for p in accumulator.Scalars("charts/updates") if p.step > learning_starts + log_interval]
-        first, last = points[0], points[-1]  # from one log point after learning starts to the last before the end
-        return {"train_sps": (last.step - first.step) / (last.wall_time - first.wall_time),
-                "updates_per_step": (last.value - first.value) / (last.step - first.step),
-                "peak_rss_bytes": usage.ru_maxrss * 1024}
+def start_training(algo: str, flags: list, threads: int, learning_starts: int, train_steps: int, log_interval: int) -> dict:
+    """Starts the real script in a folder of its own, evaluation and checkpoints off; finish_training() reads it."""
+    cwd = tempfile.TemporaryDirectory()
+    command = [sys.executable, os.path.join(ROOT, f"{algo}_atari_meanexp.py"), *flags, "--run-name", "bench",
+               "--learning-starts", str(learning_starts), "--total-timesteps", str(learning_starts + train_steps),
+               "--log-interval", str(log_interval), "--eval-interval", "0", "--final-eval-episodes", "1",
+               "--checkpoint-interval", "0", "--no-checkpoint-buffer", "--progress-interval", "1000000"]
+    log = open(os.path.join(cwd.name, "output.txt"), "w+")  # a file, not a pipe: runs waited for one by one never block
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(command, cwd=cwd.name, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return {"proc": proc, "log": log, "cwd": cwd, "command": command, "learning_starts": learning_starts,
+            "log_interval": log_interval}
+
+
+def finish_training(run: dict) -> dict:
+    """Waits for a started script: its rate between two log points after learning starts, and its peak resident memory."""
+    proc, cwd, log = run["proc"], run["cwd"], run["log"]
+    _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak memory
+    log.seek(0)
+    output = log.read()
+    log.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        cwd.cleanup()
+        raise RuntimeError(f"{' '.join(run['command'])} failed:\n{output}")
+    accumulator = EventAccumulator(glob.glob(os.path.join(cwd.name, "runs", "bench"))[0], size_guidance={"scalars": 0})
+    accumulator.Reload()
+    cwd.cleanup()
+    start = run["learning_starts"] + run["log_interval"]
+    points = [p for p in accumulator.Scalars("charts/updates") if p.step > start]
+    first, last = points[0], points[-1]  # from one log point after learning starts to the last before the end
+    return {"training_sps": (last.step - first.step) / (last.wall_time - first.wall_time),
+            "updates_per_step": (last.value - first.value) / (last.step - first.step),
+            "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def training_rates(algo: str, flags: list, concurrent: int, **sizes) -> dict:
+    """`concurrent` copies of the script started together, the CPU cores shared out between them as run_all.sh
+    does (OMP_NUM_THREADS, unless set); each one's rate, their mean and their sum."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() // concurrent))
+    runs = [start_training(algo, flags, threads, **sizes) for _ in range(concurrent)]
+    results = [finish_training(run) for run in runs]
+    rates = [r["training_sps"] for r in results]
+    return {"threads_per_run": threads, "training_sps": float(np.mean(rates)), "sps_is_per_run": True,
+            "per_run_training_sps": rates,
+            "total_training_sps": float(np.sum(rates)), "updates_per_step": results[0]["updates_per_step"],
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results)}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algos", nargs="+", default=["dqn", "iqn"], choices=["dqn", "iqn"])
-    parser.add_argument("--num-envs", nargs="+", type=int, default=[1])
+    parser.add_argument("--num-envs", nargs="+", type=positive_int, default=[1])
+    parser.add_argument("--concurrent", nargs="+", type=positive_int, default=[1],
+                        help="runs of the real script training at once, one row per value (default: 1)")
     parser.add_argument("--env-id", default="ALE/Breakout-v5")
     parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when there is one")
     parser.add_argument("--compile", action="store_true", help="the scripts' --compile (torch.compile the networks)")
     parser.add_argument("--quick", action="store_true", help="a few hundred steps of each: under a minute on CPU")
     parser.add_argument("--ale-vector-env", action="store_true", help="also measure ale-py's AtariVectorEnv (env only)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here (a new file)")
     args = parser.parse_args()
+    if args.json is not None and os.path.exists(args.json):  # before minutes of measuring, not after
+        parser.error(f"--json {args.json} exists: choose a new file (nothing was overwritten)")
+    if args.json is not None and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        parser.error(f"--json {args.json}: its folder does not exist or is not writable")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     sizes = dict(env_steps=400, repeats=3, learning_starts=300, train_steps=240, log_interval=80) if args.quick else \
         dict(env_steps=5000, repeats=20, learning_starts=5000, train_steps=4000, log_interval=500)
@@ -155,34 +199,61 @@ def main():
     for algo in args.algos:
         script = importlib.import_module(f"{algo}_atari_meanexp")
         for num_envs in args.num_envs:
-            flags = ["--env-id", args.env_id, "--num-envs", str(num_envs), "--seed", "1"] + ([] if args.cuda else ["--no-cuda"])
+            flags = ["--env-id", args.env_id, "--num-envs", str(num_envs), "--seed", "1"]
+            flags += [] if args.cuda else ["--no-cuda"]
             flags += ["--compile"] if args.compile else []
             if args.quick and algo == "iqn":  # CPU-sized quantile samples keep --quick under a minute
                 flags += ["--num-tau-samples", "8", "--num-tau-prime-samples", "8", "--num-quantile-samples", "8"]
             script_args = script.parse_args(flags)
-            row = {"algo": algo, "num_envs": num_envs, "env_id": args.env_id, "device": str(device), "flags": flags,
-                   "env_sps": env_rate(script, script_args, sizes["env_steps"] * num_envs),
-                   "ale_vector_env_sps": ale_vector_rate(script_args, sizes["env_steps"] * num_envs) if args.ale_vector_env else None,
-                   **component_times(script, script_args, device, sizes["repeats"]),
-                   **training_rate(algo, flags, sizes["learning_starts"], sizes["train_steps"] * num_envs, sizes["log_interval"] * num_envs),
-                   "replay_bytes_per_transition": script.ReplayBuffer.bytes_needed(1_000_000, num_envs) / 1_000_000}
-            per_step = 1 / row["env_sps"] + row["act_ms"] / 1e3 / num_envs + row["update_ms"] / 1e3 / script_args.train_frequency
-            row["allowed_sps"] = 1 / per_step
-            row["share_of_allowed"] = row["train_sps"] / row["allowed_sps"]
-            row["share_of_env_only"] = row["train_sps"] / row["env_sps"]
-            rows.append(row)
-            ale = f" (AtariVectorEnv {row['ale_vector_env_sps']:,.0f})" if args.ale_vector_env else ""
-            print(f"{algo} x{num_envs}: env-only {row['env_sps']:,.0f} SPS{ale} | act {row['act_ms']:.2f} ms | sample "
-                  f"{row['sample_ms']:.2f} ms | update {row['update_ms']:.1f} ms | allowed {row['allowed_sps']:,.0f} SPS | "
-                  f"training {row['train_sps']:,.0f} SPS = {100 * row['share_of_allowed']:.0f}% of allowed, "
-                  f"{100 * row['share_of_env_only']:.0f}% of env-only | peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": str(device),
-               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "date": time.strftime("%Y-%m-%d"),
-               "torch_threads": torch.get_num_threads(), "quick": args.quick}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"machine": machine, "rows": rows}, f, indent=2)
+            env_sps = env_rate(script, script_args, sizes["env_steps"] * num_envs)
+            ale_sps = ale_vector_rate(script_args, sizes["env_steps"] * num_envs) if args.ale_vector_env else None
+            parts = {"env_sps": env_sps, "env_ms": 1e3 / env_sps, "ale_vector_env_sps": ale_sps,
+                     **component_times(script, script_args, device, sizes["repeats"])}
+            per_step = 1 / env_sps + parts["act_ms"] / 1e3 / num_envs + parts["update_ms"] / 1e3 / script_args.train_frequency
+            for concurrent in args.concurrent:
+                row = {"algo": algo, "num_envs": num_envs, "concurrent_runs": concurrent, "env_id": args.env_id,
+                       "device": str(device), "flags": flags, **parts, "allowed_sps": 1 / per_step,
+                       **training_rates(algo, flags, concurrent, learning_starts=sizes["learning_starts"],
+                                        train_steps=sizes["train_steps"] * num_envs,
+                                        log_interval=sizes["log_interval"] * num_envs),
+                       "replay_bytes_per_transition": script.ReplayBuffer.bytes_needed(1_000_000, num_envs) / 1_000_000}
+                row["share_of_allowed"] = row["training_sps"] / row["allowed_sps"]
+                row["share_of_env_only"] = row["training_sps"] / row["env_sps"]
+                rows.append(row)
+                print_row(row)
+    if args.json is not None:
+        write_results(args.json, device, args.quick, rows)
     return rows
+
+
+def print_row(row: dict):
+    ale = f" (AtariVectorEnv {row['ale_vector_env_sps']:,.0f})" if row["ale_vector_env_sps"] is not None else ""
+    together = "" if row["concurrent_runs"] == 1 else \
+        f" | {row['concurrent_runs']} runs at once: {row['total_training_sps']:,.0f} SPS in total"
+    print(f"{row['algo']} x{row['num_envs']}: env-only {row['env_sps']:,.0f} SPS{ale} | act {row['act_ms']:.2f} ms | sample "
+          f"{row['sample_ms']:.2f} ms | update {row['update_ms']:.1f} ms | allowed {row['allowed_sps']:,.0f} SPS | "
+          f"training {row['training_sps']:,.0f} SPS per run = {100 * row['share_of_allowed']:.0f}% of allowed, "
+          f"{100 * row['share_of_env_only']:.0f}% of env-only{together} | peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB",
+          flush=True)
+
+
+def write_results(path: str, device: torch.device, quick: bool, rows: list):
+    """The JSON a result file under benchmarks/results/ holds: where, when and how it was measured, then the rows."""
+    import ale_py
+    import gymnasium
+
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gymnasium.__version__,
+                     "ale_py": ale_py.__version__, "numpy": np.__version__, "cuda": torch.version.cuda},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "quick": quick},
+        "rows": rows,
+    }
+    with open(path, "x") as f:  # "x": never over an existing file
+        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
