@@ -88,7 +88,7 @@ class Args:
     fire_reset: bool = False
     """if toggled, press FIRE after each reset in games that need it"""
     noop_max: int = 0
-    """at most this many no-op frames at the start of each episode (0: none, as in the authors' code; DQN papers use 30)"""
+    """at most this many no-op frames at the start of each episode (0: none, as the authors' code; DQN papers often use 30)"""
     frame_skip: int = 4
     """emulator frames per agent step (the action repeats, the observation is the max of the last two frames)"""
     max_episode_steps: int = 27_000

@@ -138,10 +138,11 @@ def finish_training(run: dict) -> dict:
     """Waits for a started script: its rate between two log points after learning starts, and its peak resident memory."""
     proc, cwd, log = run["proc"], run["cwd"], run["log"]
     _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak memory
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not signal or wait for it again
     log.seek(0)
     output = log.read()
     log.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         cwd.cleanup()
         raise RuntimeError(f"{' '.join(run['command'])} failed:\n{output}")
     accumulator = EventAccumulator(glob.glob(os.path.join(cwd.name, "runs", "bench"))[0], size_guidance={"scalars": 0})
@@ -160,7 +161,12 @@ def training_rates(algo: str, flags: list, concurrent: int, **sizes) -> dict:
     does (OMP_NUM_THREADS, unless set); each one's rate, their mean and their sum."""
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() // concurrent))
     runs = [start_training(algo, flags, threads, **sizes) for _ in range(concurrent)]
-    results = [finish_training(run) for run in runs]
+    try:
+        results = [finish_training(run) for run in runs]
+    except RuntimeError:  # one run failed: stop the others too, then report it
+        for run in runs:
+            run["proc"].kill()
+        raise
     rates = [r["training_sps"] for r in results]
     return {"threads_per_run": threads, "training_sps": float(np.mean(rates)), "sps_is_per_run": True,
             "per_run_training_sps": rates,
