@@ -1,0 +1,445 @@
+"""The authors' LunarLander k sweep (brett-daley/me_layer: plotting/plot_lunar_lander.py), fast enough for a laptop.
+
+    python dqn_meanexp_sweep.py                                  # 14 k x seeds 1-10 into results/lunar_sweep, figures
+    python dqn_meanexp_sweep.py --ks 0 4 256 --seeds 1 2 3       # a part: members the folder holds are skipped
+    python dqn_meanexp_sweep.py --plot-only --figure-dir docs    # the figures and the table of what the folder holds
+
+Each member (k, seed) is `python dqn_meanexp.py --me-coef k --seed seed`: the same network, environments, seeds,
+exploration and replay draws, evaluations and statistics, so its results equal that run's up to float rounding (tests/
+test_lunar_sweep.py checks). What differs is how it runs: the members of one worker process step in lockstep, and
+their networks are stacked tensors with a leading member dimension, so one batched matrix product serves them all
+and one Adam over the stacked parameters is every member's own Adam (it is element-wise). Each worker uses one core.
+
+Then, as the authors' plot: AUC(k) = the mean over the evaluation points of the across-seed mean score, its 95%
+interval 1.96 x the standard error of the per-seed AUCs, drawn against k on a log axis with k = 0 as a line.
+"""
+
+import dataclasses
+import glob
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+import dqn_meanexp
+from benchmarks.gemm import gemm_gflops
+
+AUTHORS_KS = (0, 1, 4, 16, 32, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # plot_lunar_lander.py's
+
+
+@dataclass
+class SweepArgs:
+    out: str = "results/lunar_sweep"
+    """the folder of the sweep: one subfolder per member under runs/, a record of each part under parts/"""
+    ks: Tuple[float, ...] = AUTHORS_KS
+    """the mean-expansion coefficients k (default: the ones the authors plotted)"""
+    seeds: Tuple[int, ...] = tuple(range(1, 11))
+    """the seeds of each k"""
+    workers: int = 2
+    """processes, one core each; the members are dealt out between them"""
+    compile: bool = True
+    """compile the batched update with torch.compile (same math, about 1.3x faster on CPU, 30 s to compile)"""
+    plot_only: bool = False
+    """train nothing: draw the figures and the table from what the folder holds"""
+    figure_dir: Optional[str] = None
+    """where the figures and table.md go (default: the sweep's folder)"""
+    dqn: dqn_meanexp.Args = field(default_factory=dqn_meanexp.Args)
+    """dqn_meanexp.py's flags for every member (--dqn_meanexp.total-timesteps ...); each member sets its own k and seed"""
+
+
+# ==== The population: every member's network as one stacked tensor per layer ====
+
+
+def stack_networks(networks: list) -> list:
+    """[W1, b1, W2, b2, W3, b3] of the members' QNetworks: weights (M, in, out), so x @ W is nn.Linear's x W^T + b."""
+    params = []
+    for i in (0, 2, 4):  # the three nn.Linear layers of QNetwork.network
+        layers = [net.network[i] for net in networks]
+        params += [torch.stack([layer.weight.detach().T for layer in layers]).contiguous(),
+                   torch.stack([layer.bias.detach() for layer in layers])[:, None, :].contiguous()]
+    return params
+
+
+def forward(params: list, obs: torch.Tensor, k: torch.Tensor, obs_divisor: float) -> tuple:
+    """QNetwork.forward for all members: obs (M, B, obs_size) -> Q (M, B, |A|), and the activations backward needs."""
+    w1, b1, w2, b2, w3, b3 = params
+    x = obs / obs_divisor
+    h1 = torch.relu(torch.baddbmm(b1, x, w1))  # b1 + x @ w1, member by member: nn.Linear's numbers, to the bit
+    h2 = torch.relu(torch.baddbmm(b2, h1, w2))
+    return dqn_meanexp.mean_expansion(torch.baddbmm(b3, h2, w3), k), (x, h1, h2)  # k: (M, 1, 1), each member its own
+
+
+def gradients(params: list, target: list, k: torch.Tensor, obs_divisor: float, gamma: float, batch: tuple) -> tuple:
+    """Each member's gradient of dqn_meanexp.td_loss (mean over its batch of delta^2 / 2), the chain rule written out so that
+    one batched pass serves all members (equal to autograd's, tests/test_lunar_sweep.py). Returns (gradients in the
+    order of params, each member's action gap on its batch)."""
+    obs, actions, rewards, next_obs, terminated = batch  # (M, B, ...) each
+    with torch.no_grad():
+        y = rewards + gamma * (1.0 - terminated) * forward(target, next_obs, k, obs_divisor)[0].max(dim=2).values
+        q, (x, h1, h2) = forward(params, obs, k, obs_divisor)
+        delta = q.gather(2, actions[..., None]).squeeze(2) - y  # Q(s, a) - y
+        dq = torch.zeros_like(q).scatter_(2, actions[..., None], (delta / delta.shape[1])[..., None])  # dLoss/dQ
+        # the head: dQ(s, a)/du(s, b) = [a == b] + k/|A|, so each TD error also moves every action's u by k/|A| of it
+        du = dq + dq.sum(dim=2, keepdim=True) * k / q.shape[2]
+        dh2 = torch.where(h2 > 0, du @ params[4].transpose(1, 2), 0.0)  # back through layer 3, then its ReLU
+        dh1 = torch.where(h1 > 0, dh2 @ params[2].transpose(1, 2), 0.0)
+        grads = []
+        for inputs, d in ((x, dh1), (h1, dh2), (h2, du)):  # each layer: dW = inputs^T d, db = sum over the batch of d
+            grads += [inputs.transpose(1, 2) @ d, d.sum(dim=1, keepdim=True)]
+        top2 = q.topk(2, dim=2).values
+        return grads, (top2[..., 0] - top2[..., 1]).mean(dim=1)
+
+
+class Population:
+    """Members (k, seed) of one worker, each as dqn_meanexp.main would build it: network, optimizer, envs, RNG."""
+
+    def __init__(self, args: dqn_meanexp.Args, members: list, compile: bool):
+        self.args, self.members = args, members
+        self.envs = [dqn_meanexp.make_env(args.env_id) for _ in members]
+        self.eval_envs = [dqn_meanexp.make_env(args.env_id) for _ in members]
+        self.obs_size, self.n_actions = self.envs[0].observation_space.shape[0], int(self.envs[0].action_space.n)
+        networks = []
+        for k, seed in members:
+            torch.manual_seed(seed)  # as dqn_meanexp.main: the network's initial weights
+            networks.append(dqn_meanexp.QNetwork(self.obs_size, self.n_actions, k, args.obs_divisor))
+        self.params = stack_networks(networks)  # plain tensors: gradients() computes their gradients, no autograd
+        self.target = [p.clone() for p in self.params]
+        # Adam is element-wise: one Adam over the stacks is every member's own. Its vectorized kernel rounds the last
+        # few elements of a tensor (fewer than a vector) another way, so the output biases (|A| numbers a member) go
+        # in as each member's own tensor; every other stack is whole vectors a member: rounding as in single runs.
+        self.optimizer = torch.optim.Adam(self.params[:5] + list(self.params[5]), lr=args.learning_rate,
+                                          eps=args.adam_eps, fused=True)
+        self.k = torch.tensor([float(k) for k, _ in members])[:, None, None]
+        self.rngs = [np.random.default_rng(seed) for _, seed in members]  # as dqn_meanexp.main: exploration, replay
+        self.gradients = torch.compile(gradients, dynamic=False) if compile else gradients
+        capacity, m = min(args.buffer_size, max(args.total_timesteps, 1)), len(members)
+        self.replay = {"obs": torch.zeros(m, capacity, self.obs_size), "actions": torch.zeros(m, capacity, dtype=torch.int64),
+                       "rewards": torch.zeros(m, capacity), "next_obs": torch.zeros(m, capacity, self.obs_size),
+                       "terminated": torch.zeros(m, capacity)}
+        self.capacity, self.pos, self.size = capacity, 0, 0
+
+    @torch.no_grad()
+    def q_values(self, obs: np.ndarray) -> torch.Tensor:
+        """Q(s, .) of one observation per member: obs (M, obs_size) -> (M, |A|)."""
+        return forward(self.params, torch.as_tensor(obs)[:, None], self.k, self.args.obs_divisor)[0][:, 0]
+
+    def add(self, transitions: dict):
+        """One transition per member (arrays with a leading member dimension), at the same ring position for all."""
+        for name, values in transitions.items():
+            self.replay[name][:, self.pos] = torch.as_tensor(values)
+        self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def update(self) -> torch.Tensor:
+        """One update of every member on its own batch (drawn as dqn_meanexp.main draws it); returns the action gaps."""
+        indices = torch.as_tensor(np.stack([rng.choice(self.size, self.args.batch_size, replace=False) for rng in self.rngs]))
+        rows = torch.arange(len(self.members))[:, None]
+        batch = tuple(self.replay[name][rows, indices] for name in ("obs", "actions", "rewards", "next_obs", "terminated"))
+        grads, gaps = self.gradients(self.params, self.target, self.k, self.args.obs_divisor, self.args.gamma, batch)
+        for param, grad in zip(self.optimizer.param_groups[0]["params"], grads[:5] + list(grads[5])):
+            param.grad = grad
+        self.optimizer.step()
+        return gaps
+
+    def sync_target(self):
+        for t, p in zip(self.target, self.params):
+            t.copy_(p)
+
+
+def evaluate(pop: Population) -> list:
+    """dqn_meanexp.evaluate for every member, the members' games in lockstep (one batched forward per step)."""
+    args, m = pop.args, len(pop.members)
+    finished = [[] for _ in range(m)]
+    q_taken, rewards = [[] for _ in range(m)], [[] for _ in range(m)]
+    obs = np.stack([env.reset()[0] for env in pop.eval_envs])
+    playing = list(range(m))
+    while playing:
+        q = pop.q_values(obs).numpy()
+        ended = []
+        for i in playing:
+            action = int(q[i].argmax())
+            q_taken[i].append(float(q[i, action]))
+            obs[i], reward, terminated, truncated, _ = pop.eval_envs[i].step(action)
+            rewards[i].append(float(reward))
+            if terminated or truncated:
+                ended.append((i, truncated))
+        bootstraps = pop.q_values(obs).numpy().max(axis=1) if any(truncated for _, truncated in ended) else None
+        for i, truncated in ended:
+            bootstrap = float(bootstraps[i]) if truncated else 0.0  # as the authors: a cut episode bootstraps
+            stats = dqn_meanexp.episode_statistics(q_taken[i], rewards[i], args.gamma, args.reward_scale, bootstrap)
+            finished[i].append({**stats, "truncated": truncated})
+            q_taken[i], rewards[i] = [], []
+            if len(finished[i]) < args.eval_episodes:
+                obs[i] = pop.eval_envs[i].reset()[0]
+            else:
+                playing.remove(i)
+    return [dqn_meanexp.summarize(episodes) for episodes in finished]
+
+
+def train(pop: Population) -> tuple:
+    """dqn_meanexp.main's loop for every member at once. Returns (each member's evaluations, seconds per phase)."""
+    args, m = pop.args, len(pop.members)
+    clock = dict.fromkeys(("act", "env", "update", "evaluate"), 0.0)
+    evaluations, gap_sum, updates = [[] for _ in range(m)], torch.zeros(m), 0  # action gaps, updates since the last eval
+
+    def record_evaluation(step: int):
+        started = time.perf_counter()
+        for i, stats in enumerate(evaluate(pop)):
+            evaluations[i].append({"step": step, **stats, "action_gap": float(gap_sum[i]) / updates if updates else None})
+        clock["evaluate"] += time.perf_counter() - started
+
+    for env, (_, seed) in zip(pop.eval_envs, pop.members):
+        env.reset(seed=2**32 - 1 - seed)
+    record_evaluation(0)
+    obs = np.stack([env.reset(seed=seed)[0] for env, (_, seed) in zip(pop.envs, pop.members)])
+    for step in range(1, args.total_timesteps + 1):
+        started = time.perf_counter()
+        epsilon = dqn_meanexp.linear_schedule(args.start_e, args.end_e, args.exploration_steps, step - 1)
+        explore = [rng.random() < epsilon for rng in pop.rngs]
+        actions = np.array([rng.integers(pop.n_actions) if e else -1 for rng, e in zip(pop.rngs, explore)])
+        if not all(explore):
+            actions = np.where(explore, actions, pop.q_values(obs).argmax(dim=1).numpy())
+        clock["act"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        next_obs, rewards, terminated = np.empty_like(obs), np.zeros(m, np.float32), np.zeros(m, np.float32)
+        ended = []
+        for i, env in enumerate(pop.envs):
+            next_obs[i], reward, terminated[i], truncated, _ = env.step(int(actions[i]))
+            rewards[i] = reward * args.reward_scale  # scaled for learning only, as dqn_meanexp
+            if terminated[i] or truncated:
+                ended.append(i)
+        pop.add({"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "terminated": terminated})
+        obs = next_obs
+        for i in ended:
+            obs[i] = pop.envs[i].reset()[0]
+        clock["env"] += time.perf_counter() - started
+
+        started = time.perf_counter()  # the authors' order within a step: sync the target, then update, then evaluate
+        if step % args.target_network_frequency == 0:
+            pop.sync_target()
+        if step >= args.learning_starts and step % args.train_frequency == 0:
+            gap_sum += pop.update()
+            updates += 1
+        clock["update"] += time.perf_counter() - started
+        if step % args.eval_interval == 0:
+            record_evaluation(step)
+            gap_sum, updates = torch.zeros(m), 0
+    return evaluations, clock
+
+
+# ==== Running the sweep in parts: workers, the results folder, the record of each part ====
+
+
+def member_dir(out: str, k: float, seed: int) -> str:
+    return os.path.join(out, "runs", f"k{k:g}__seed{seed}")
+
+
+def member_config(args: dqn_meanexp.Args, k: float, seed: int, n_actions: int) -> dict:
+    """What evaluations.json records of a member: its dqn_meanexp flags, as a single run records them."""
+    return {**dataclasses.asdict(dataclasses.replace(args, me_coef=float(k), seed=seed)), "n_actions": n_actions}
+
+
+def write_json(path: str, data: dict):
+    """Writes all or nothing: a stopped sweep never leaves half a file that looks finished."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def train_members(args: SweepArgs, members: list) -> dict:
+    """One worker: trains its members as one population on one core, writes each member's evaluations.json."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    pop = Population(args.dqn, members, args.compile)
+    evaluations, clock = train(pop)
+    for (k, seed), rows in zip(members, evaluations):
+        write_json(os.path.join(member_dir(args.out, k, seed), "evaluations.json"),
+                   {"config": member_config(args.dqn, k, seed, pop.n_actions), "evaluations": rows})
+    a = args.dqn  # updates come at the steps >= learning_starts that are multiples of train_frequency
+    updates = max(0, a.total_timesteps // a.train_frequency - (max(a.learning_starts, 1) - 1) // a.train_frequency)
+    return {"members": len(members), "updates_per_member": updates, "seconds": time.perf_counter() - started,
+            "phases": clock, "obs_size": pop.obs_size, "n_actions": pop.n_actions}
+
+
+def update_flop(obs_size: int, n_actions: int, batch_size: int, hidden: int = 256) -> int:
+    """FLOP of one update of one member as the floor counts them: the online network's forward and backward passes
+    (3 x 2 x batch x weights; the target's forward, the head and Adam are left out)."""
+    return 3 * 2 * batch_size * (obs_size * hidden + hidden * hidden + hidden * n_actions)
+
+
+def run_part(args: SweepArgs) -> Optional[dict]:
+    """Trains the members the folder does not hold yet, in args.workers processes, and records the part."""
+    todo, config_errors = [], []
+    for k in args.ks:
+        for seed in args.seeds:
+            path = os.path.join(member_dir(args.out, k, seed), "evaluations.json")
+            if not os.path.exists(path):
+                todo.append((k, seed))
+                continue
+            with open(path) as f:
+                held = json.load(f)["config"]
+            if held != member_config(args.dqn, k, seed, held["n_actions"]):
+                config_errors.append(f"{path} was trained with other flags than these")
+    if config_errors:
+        print("\n".join(f"error: {e}" for e in config_errors) + "\n(one folder per setting: choose another --out)",
+              file=sys.stderr)
+        sys.exit(2)
+    if not todo:
+        print(f"{args.out} holds every member already")
+        return None
+    workers = min(args.workers, len(todo))
+    print(f"training {len(todo)} members in {workers} worker(s) into {args.out}; measuring the GEMM rate first")
+    gemm_before = gemm_gflops()
+    started = time.time()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(train_members, [args] * workers, [todo[w::workers] for w in range(workers)]))
+    wall = time.time() - started
+    gemm_after = gemm_gflops()
+    flop = sum(r["members"] * r["updates_per_member"] for r in results) * update_flop(
+        results[0]["obs_size"], results[0]["n_actions"], args.dqn.batch_size)
+    floor = flop / (max(gemm_before, gemm_after) * 1e9)  # the faster GEMM measurement: the stricter floor
+    record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "members": todo,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "workers": workers,
+              "torch": torch.__version__, "compile": args.compile, "wall_seconds": wall, "flop": flop,
+              "gemm_gflops_before": gemm_before, "gemm_gflops_after": gemm_after, "floor_seconds": floor,
+              "ratio_to_floor": wall / floor, "workers_detail": results}
+    write_json(os.path.join(args.out, "parts", time.strftime("%Y%m%d-%H%M%S") + ".json"), record)
+    print(f"{len(todo)} members in {wall / 60:.1f} min; the GEMM floor of their updates {floor / 60:.1f} min "
+          f"(at {max(gemm_before, gemm_after):.0f} GFLOP/s): {wall / floor:.2f}x")
+    return record
+
+
+# ==== The figures and the table, as the authors compute them ====
+
+
+def load_sweep(folder: str) -> dict:
+    """{k: {seed: evaluation rows}} of every evaluations.json under folder (a sweep's, or single runs' runs/)."""
+    sweep, steps = {}, {}
+    for path in sorted(glob.glob(os.path.join(folder, "**", "evaluations.json"), recursive=True)):
+        with open(path) as f:
+            data = json.load(f)
+        config, rows = data["config"], data["evaluations"]
+        sweep.setdefault(config["me_coef"], {})[config["seed"]] = rows
+        steps[path] = [row["step"] for row in rows]
+    if len({tuple(s) for s in steps.values()}) > 1:  # the AUC averages over the points: they must be the same
+        sys.exit(f"error: the runs under {folder} were evaluated at different steps: " +
+                 "; ".join(f"{path}: {s[-1] if s else 'none'} last" for path, s in steps.items()))
+    if not sweep:
+        sys.exit(f"error: no evaluations.json under {folder}")
+    return dict(sorted(sweep.items()))
+
+
+def summarize_k(runs: dict) -> dict:
+    """One k: AUC = the mean over the evaluation points of the across-seed mean score; its 95% interval 1.96 x the
+    standard error of the per-seed AUCs (none with one seed); the last point's means of the other statistics."""
+    curves = np.array([[row["mean"] for row in rows] for rows in runs.values()])  # (seeds, points)
+    seed_aucs = curves.mean(axis=1)
+    last = [rows[-1] for rows in runs.values()]
+    gaps = [row["action_gap"] for row in last if row["action_gap"] is not None]
+    return {"seeds": len(runs), "auc": float(curves.mean(axis=0).mean()),
+            "ci": float(1.96 * seed_aucs.std(ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else float("nan"),
+            "final_score": float(curves[:, -1].mean()),
+            "final_overestimation": float(np.mean([row["overestimation"] for row in last])),
+            "final_normalized_overestimation": float(np.mean([row["normalized_overestimation"] for row in last])),
+            "final_action_gap": float(np.mean(gaps)) if gaps else float("nan")}
+
+
+def markdown_table(table: dict) -> str:
+    lines = ["| k | seeds | AUC of score | 95% interval | final score | final overestimation | final normalized "
+             "overestimation | final action gap |", "|" + " --- |" * 8]
+    for k, r in table.items():
+        lines.append(f"| {k:g} | {r['seeds']} | {r['auc']:.1f} | ± {r['ci']:.1f} | {r['final_score']:.1f} | "
+                     f"{r['final_overestimation']:.3f} | {r['final_normalized_overestimation']:.3f} | "
+                     f"{r['final_action_gap']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(folder: str, figure_dir: str) -> dict:
+    """Writes lunar_k_auc.png, lunar_curves.png, lunar_overestimation_gap.png and table.md into figure_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = load_sweep(folder)
+    table = {k: summarize_k(runs) for k, runs in sweep.items()}
+    os.makedirs(figure_dir, exist_ok=True)
+    ks = [k for k in table if k > 0]
+
+    def against_k(ax, key: str, label: str, band: Optional[str] = None):
+        """A statistic against k > 0 on a log axis, k = 0 as a dotted line (with its band where there is one)."""
+        values = np.array([table[k][key] for k in ks])
+        ax.plot(ks, values, marker="o", label="mean-expansion (k > 0)")
+        if band:
+            err = np.array([table[k][band] for k in ks])
+            ax.fill_between(ks, values - err, values + err, alpha=0.2)
+        if 0 in table:
+            ax.axhline(table[0][key], color="black", linestyle=":", label="DQN (k = 0)")
+            if band:
+                ax.axhspan(table[0][key] - table[0][band], table[0][key] + table[0][band], color="gray", alpha=0.15)
+        ax.set(xscale="log" if ks else "linear", xlabel="mean-scaling coefficient k", ylabel=label)
+        ax.legend(frameon=False)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    against_k(ax, "auc", "AUC of score (mean over evaluations)", band="ci")
+    ax.set_title(f"LunarLander-v3: AUC against k ({max(r['seeds'] for r in table.values())} seeds, 95% intervals)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(figure_dir, "lunar_k_auc.png"), dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in [k for k in (0, 16, 256, 2048, 32768) if k in sweep] or list(sweep)[:5]:  # a few, as the authors' plot
+        curves = np.array([[row["mean"] for row in rows] for rows in sweep[k].values()])
+        steps = [row["step"] for row in next(iter(sweep[k].values()))]
+        mean = curves.mean(axis=0)
+        err = 1.96 * curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
+        ax.plot(steps, mean, label=f"k = {k:g}")
+        ax.fill_between(steps, mean - err, mean + err, alpha=0.15)
+    ax.set(xlabel="agent steps", ylabel="mean score of 100 greedy episodes", title="LunarLander-v3: score (95% intervals)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(os.path.join(figure_dir, "lunar_curves.png"), dpi=120)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, label in zip(axes, ("final_overestimation", "final_normalized_overestimation", "final_action_gap"),
+                              ("overestimation (mean Q - G)", "normalized overestimation", "action gap")):
+        against_k(ax, key, f"final {label}")
+    fig.suptitle("LunarLander-v3 at the last evaluation: the authors' overestimation and the action gap")
+    fig.tight_layout()
+    fig.savefig(os.path.join(figure_dir, "lunar_overestimation_gap.png"), dpi=120)
+    plt.close("all")
+
+    with open(os.path.join(figure_dir, "table.md"), "w") as f:
+        f.write(markdown_table(table))
+    print(markdown_table(table))
+    return table
+
+
+def main(args: SweepArgs):
+    errors = [f"--ks: k must be >= 0, got {k:g}" for k in args.ks if k < 0]
+    errors += ["--ks and --seeds must each list at least one value, without repeats"] * (
+        not args.ks or not args.seeds or len(set(args.ks)) < len(args.ks) or len(set(args.seeds)) < len(args.seeds))
+    errors += [f"--workers must be at least 1, got {args.workers}"] * (args.workers < 1)
+    if not args.plot_only:
+        try:
+            dqn_meanexp.make_env(args.dqn.env_id).close()
+        except (ValueError, dqn_meanexp.gym.error.Error) as e:
+            errors.append(f"--dqn.env-id {args.dqn.env_id}: {e}")
+    dqn_meanexp.check_args(args.dqn, errors)  # exits with code 2 naming every error
+    if not args.plot_only:
+        run_part(args)
+    return plot(args.out, args.figure_dir or args.out)
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(SweepArgs))

@@ -1,0 +1,160 @@
+"""dqn_meanexp_sweep.py: the population's members are dqn_meanexp.py's single runs, its gradients are autograd's,
+the sweep runs in parts into one folder, and the figure's numbers are the authors' (AUC and its interval)."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dqn_meanexp as dqn
+import dqn_meanexp_sweep as sweep
+from conftest import ROOT
+
+MEMBERS = [(4.0, 1), (0.0, 2), (65536.0, 3), (16.0, 1)]  # one seed twice: the members must not share anything
+
+
+def networks(members, offset=0):
+    nets = []
+    for k, seed in members:
+        torch.manual_seed(seed + offset)
+        nets.append(dqn.QNetwork(8, 4, k, 10.0))
+    return nets
+
+
+def random_batch(m, b=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, b, 8, generator=g) * 5, torch.randint(0, 4, (m, b), generator=g), torch.randn(m, b, generator=g),
+            torch.randn(m, b, 8, generator=g) * 5, (torch.rand(m, b, generator=g) < 0.1).float())
+
+
+def autograd_gradients(net, target, batch):
+    """The single run's gradients, in the population's layout (weights transposed, biases (1, out))."""
+    net.zero_grad()
+    dqn.td_loss(net, target, batch, 0.99)[0].backward()
+    return [t for i in (0, 2, 4) for t in (net.network[i].weight.grad.T, net.network[i].bias.grad[None])]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batched_gradients_are_each_members_autograd_gradients(compiled):
+    nets, targets = networks(MEMBERS), networks(MEMBERS, offset=100)
+    k = torch.tensor([m[0] for m in MEMBERS])[:, None, None]
+    batch = random_batch(len(MEMBERS))
+    gradients = torch.compile(sweep.gradients, dynamic=False) if compiled else sweep.gradients
+    grads, gaps = gradients(sweep.stack_networks(nets), sweep.stack_networks(targets), k, 10.0, 0.99, batch)
+    for i, (net, target) in enumerate(zip(nets, targets)):
+        member_batch = tuple(t[i] for t in batch)
+        for got, expected in zip(grads, autograd_gradients(net, target, member_batch)):
+            torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+        top2 = net(member_batch[0]).topk(2).values
+        torch.testing.assert_close(gaps[i], (top2[:, 0] - top2[:, 1]).mean())
+
+
+def batched_matmul_rounds_as_plain():
+    """Whether this machine's batched matmul gives each member exactly what nn.Linear gives (true on the x86 CPUs we
+    run on): then a member's run is its single run to the bit. Where it is not, rounding differs from the first update
+    and Q-learning's ReLU kinks amplify it, so only a few updates can agree within float tolerance."""
+    x, w, b = torch.randn(3, 128, 256), torch.randn(3, 256, 256), torch.randn(3, 1, 256)
+    return all(torch.equal(torch.baddbmm(b, x, w)[i], torch.nn.functional.linear(x[i], w[i].T, b[i, 0])) for i in range(3))
+
+
+def test_each_member_of_a_population_is_its_single_run(in_tmp):
+    exact = batched_matmul_rounds_as_plain()
+    settings = dict(total_timesteps=800 if exact else 330, learning_starts=300, eval_interval=400, eval_episodes=2)
+    pop = sweep.Population(dqn.Args(**settings), MEMBERS, compile=False)
+    evaluations, clock = sweep.train(pop)
+    assert set(clock) == {"act", "env", "update", "evaluate"}
+    for i, (k, seed) in enumerate(MEMBERS):  # 500 updates of each
+        single = dqn.main(dqn.Args(**settings, me_coef=k, seed=seed, save_model=True, exp_name=f"m{i}"))
+        (run_dir,) = glob.glob(f"runs/*__m{i}__*")
+        state = torch.load(os.path.join(run_dir, f"m{i}.cleanrl_model"))
+        expected = [t for j in (0, 2, 4) for t in (state[f"network.{j}.weight"].T, state[f"network.{j}.bias"][None])]
+        for got, want in zip(pop.params, expected):
+            if exact:
+                assert torch.equal(got[i], want), f"member {(k, seed)} differs from its single run"
+            else:
+                torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6)
+        assert [e["step"] for e in evaluations[i]] == [e["step"] for e in single]
+        for got, want in zip(evaluations[i], single):
+            assert got["mean"] == want["mean"]
+            assert got["action_gap"] == (None if want["action_gap"] is None else pytest.approx(want["action_gap"], rel=1e-5))
+            # the evaluation's Q comes from a batched forward: equal up to rounding
+            assert got["overestimation"] == pytest.approx(want["overestimation"], rel=1e-5, abs=1e-6)
+
+
+def write_run(folder, k, seed, scores, steps=(0, 10, 20), gap=0.5, over=1.0):
+    rows = [{"step": s, "mean": float(v), "overestimation": over, "normalized_overestimation": over / 2,
+             "action_gap": None if s == 0 else gap} for s, v in zip(steps, scores)]
+    os.makedirs(os.path.join(folder, f"k{k}_s{seed}"))
+    with open(os.path.join(folder, f"k{k}_s{seed}", "evaluations.json"), "w") as f:
+        json.dump({"config": {"me_coef": float(k), "seed": seed}, "evaluations": rows}, f)
+
+
+def test_auc_and_its_interval_are_the_authors_on_hand_made_curves(tmp_path):
+    write_run(tmp_path, 0, 1, [1, 2, 3])
+    write_run(tmp_path, 0, 2, [3, 4, 5])
+    write_run(tmp_path, 4, 1, [0, 10, 20], gap=2.0, over=-1.0)
+    table = sweep.plot(str(tmp_path), str(tmp_path / "figures"))
+    # k = 0: across-seed means 2, 3, 4 -> AUC 3; per-seed AUCs 2 and 4: std (ddof 1) sqrt(2), SE 1 -> interval 1.96
+    assert table[0.0]["auc"] == pytest.approx(3.0) and table[0.0]["ci"] == pytest.approx(1.96)
+    assert table[0.0]["final_score"] == 4.0 and table[0.0]["final_action_gap"] == 0.5
+    assert table[4.0]["auc"] == pytest.approx(10.0) and np.isnan(table[4.0]["ci"])  # one seed: no interval
+    assert table[4.0]["final_overestimation"] == -1.0 and table[4.0]["final_normalized_overestimation"] == -0.5
+    for name in ("lunar_k_auc.png", "lunar_curves.png", "lunar_overestimation_gap.png", "table.md"):
+        assert os.path.getsize(tmp_path / "figures" / name) > 0
+    assert "| 0 | 2 | 3.0 | ± 2.0 | 4.0 |" in (tmp_path / "figures" / "table.md").read_text()
+
+
+def test_runs_evaluated_at_other_steps_are_not_averaged_together(tmp_path):
+    write_run(tmp_path, 0, 1, [1, 2, 3])
+    write_run(tmp_path, 4, 1, [1, 2], steps=(0, 10))
+    with pytest.raises(SystemExit, match="evaluated at different steps"):
+        sweep.load_sweep(str(tmp_path))
+
+
+def run_sweep(out, *flags):
+    tiny = ["--dqn.total-timesteps", "400", "--dqn.learning-starts", "200", "--dqn.eval-interval", "200",
+            "--dqn.eval-episodes", "1", "--no-compile"]
+    return subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(out), *tiny, *flags],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp_path):
+    out = tmp_path / "sweep"
+    first = run_sweep(out, "--ks", "0", "--seeds", "1", "2")
+    assert first.returncode == 0, first.stderr
+    assert "training 2 members in 2 worker(s)" in first.stdout
+    second = run_sweep(out, "--ks", "0", "4", "--seeds", "1", "2", "--workers", "1")
+    assert second.returncode == 0, second.stderr
+    assert "training 2 members in 1 worker(s)" in second.stdout  # k = 0 was there already
+    assert sorted(os.listdir(out / "runs")) == ["k0__seed1", "k0__seed2", "k4__seed1", "k4__seed2"]
+    parts = sorted(glob.glob(str(out / "parts" / "*.json")))
+    assert len(parts) == 2
+    with open(parts[-1]) as f:
+        record = json.load(f)
+    assert record["members"] == [[4.0, 1], [4.0, 2]] and record["workers"] == 1
+    assert record["flop"] == 2 * 201 * 3 * 2 * 128 * (8 * 256 + 256 * 256 + 256 * 4)  # 2 members, updates at 200..400
+    assert record["ratio_to_floor"] == pytest.approx(record["wall_seconds"] / record["floor_seconds"])
+    assert record["gemm_gflops_before"] > 0 and set(record["workers_detail"][0]["phases"]) == {"act", "env", "update", "evaluate"}
+    assert "| 4 | 2 |" in (out / "table.md").read_text() and (out / "lunar_k_auc.png").exists()
+    before = sorted(os.listdir(out / "runs"))
+    mixed = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(out), "--ks", "0",
+                            "--seeds", "1", "--dqn.total-timesteps", "600"], capture_output=True, text=True, cwd=ROOT)
+    assert mixed.returncode == 2 and "trained with other flags" in mixed.stderr
+    assert sorted(os.listdir(out / "runs")) == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--ks", "-1"], "k must be >= 0"),
+    (["--seeds", "1", "1"], "without repeats"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--dqn.batch-size", "0"], "--batch-size must be in [1, inf]"),
+])
+def test_bad_sweep_flags_are_refused_before_anything_is_written(tmp_path, flags, message):
+    result = run_sweep(tmp_path / "sweep", *flags)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "sweep").exists()
