@@ -7,12 +7,16 @@ final_eval.json and the TensorBoard events) and writes to --out-dir:
 
 - per_game.csv: the final evaluation score of each variant (the paper's rows: DQN, IB-DQN(k), Dueling
   DQN, RDQ, IQN, ...) and game over its seeds, its human-normalized score (0 = random play, 1 = human,
-  from atari57.csv), and its overestimation;
+  from atari57.csv: the authors' table by default, DQN Zoo's with --score-table dqn_zoo; they differ only in
+  VideoPinball's random score, docs/human_normalized_scores.md), and its overestimation;
 - aggregate.csv: IQM, median, mean and optimality gap of human-normalized scores with 95%
   stratified bootstrap confidence intervals, and the probability that a mean-expansion variant improves
   on each of its baselines (Agarwal et al. 2021, computed with their rliable package);
 - overestimation.csv: the authors' overestimation and normalized overestimation of the final evaluation,
   median and mean over games, per variant;
+- k_sensitivity.csv and k_sensitivity.png: the authors' k figure (their plotting/plot_hypers_perf.py): for each
+  algorithm and game run at two or more k with the same network, optimizer and loss, the AUC of the human-normalized
+  evaluation score against k;
 - figures: aggregate IQM vs steps, per-game learning curves, action gap and (normalized) overestimation
   vs steps, final overestimation per variant, and per game the relative change of each mean-expansion
   variant over each of its baselines;
@@ -33,7 +37,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import matplotlib
 
@@ -58,6 +62,9 @@ class Args:
     """where the tables, figures and report.md are written (created if needed; these files are replaced)"""
     games_csv: str = os.path.join(HERE, "atari57.csv")
     """the games with their ids and their random and human scores"""
+    score_table: Literal["authors", "dqn_zoo"] = "authors"
+    """the random scores of the human-normalized score: the authors' (their ale_utils; VideoPinball 0) or DQN Zoo's
+    (VideoPinball 16,256.9); the only difference (docs/human_normalized_scores.md)"""
     reps: int = 2000
     """bootstrap resamples for each confidence interval of the final scores"""
     curve_reps: int = 500
@@ -93,6 +100,13 @@ PAPER_VARIANTS = {
 }
 DEFAULT_SETTINGS = {"dqn": ("nature", "adam", "sse"), "iqn": ("iqn", "adam", "quantile_huber")}  # network, optimizer, loss
 EXTRA_BASELINES = {"IB-DQN(k)": ("Dueling DQN", "RDQ")}  # besides its own k = 0, the paper compares IB-DQN(k) with these
+# --score-table: atari57.csv's column of random scores, and what the report says of it. The authors' differs from DQN
+# Zoo's in one game, so the paper's figures and tables need theirs (docs/human_normalized_scores.md)
+SCORE_TABLES = {
+    "authors": ("authors_random_score", "the authors' table (their ale_utils, from Agent57's Table H.4: VideoPinball's "
+                "random score 0)"),
+    "dqn_zoo": ("random_score", "DQN Zoo's table (VideoPinball's random score 16,256.9; the authors' is 0)"),
+}
 
 
 def variant_name(algo: str, network: str, optimizer: str, loss: str, k: str) -> str:
@@ -127,6 +141,8 @@ class Run:
     curves: dict  # tag -> (steps, values) arrays
     last_step: int
     game: str = ""  # from env_id, through atari57.csv
+    settings: tuple = ()  # network, optimizer, loss
+    me_coef: float = 0.0  # k as a number (|A| as the run's number of actions)
 
 
 def read_run(path: str):
@@ -152,7 +168,7 @@ def read_run(path: str):
             curves[tag] = (np.array([p.step for p in points], dtype=np.int64), np.array([p.value for p in points]))
         last_step = max([int(accumulator.Scalars(t)[-1].step) for t in tags] + [0])
         return Run(path, algo, variant, config["env_id"], k, baselines, int(config["seed"]), int(config.get("eval_interval", 0)),
-                   final, curves, max(last_step, final["total_steps"] if final else 0))
+                   final, curves, max(last_step, final["total_steps"] if final else 0), settings=settings, me_coef=me_coef)
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{path}: not a readable run ({type(error).__name__}: {error})"
 
@@ -165,15 +181,16 @@ def find_runs(runs_dir: str, workers: int):
     return [r for r in results if isinstance(r, Run)], [r for r in results if isinstance(r, str)]
 
 
-def read_games(games_csv: str):
-    """{env id: game} for both id columns, and {game: (random score, human score)}."""
+def read_games(games_csv: str, score_table: str = "authors"):
+    """{env id: game} for both id columns, and {game: (random score, human score)}, the random scores of score_table."""
     ids, scores = {}, {}
+    random_column = SCORE_TABLES[score_table][0]
     with open(games_csv) as f:
         for row in csv.DictReader(f):
             for column in ("ale_v5_id", "noframeskip_v4_id"):
                 if row[column]:
                     ids[row[column]] = row["game"]
-            scores[row["game"]] = (float(row["random_score"]), float(row["human_score"]))
+            scores[row["game"]] = (float(row[random_column]), float(row["human_score"]))
     return ids, scores
 
 
@@ -361,6 +378,95 @@ def across_games(runs: list, tag: str, edges):
 
 
 # ---------------------------------------------------------------------------
+# k sensitivity: the authors' plotting/plot_hypers_perf.py
+# ---------------------------------------------------------------------------
+
+
+def hns_curves(runs: list, game_scores: dict) -> dict:
+    """{seed: {step: human-normalized evaluation score}} of the runs of one game at one k."""
+    curves = {}
+    for run in runs:
+        points = eval_points(run, "eval/episodic_return")
+        if points:
+            curves[run.seed] = {step: float(human_normalized(v, run.game, game_scores)) for step, v in points.items()}
+    return curves
+
+
+def area_under_curve(curves: dict):
+    """The authors' AUC of one game at one k: the mean over evaluation steps of the mean over seeds, on the steps every
+    seed has (what their --plot-partial does; when every seed has all 200 evaluations, what their default does).
+    Also the standard error over seeds of each seed's AUC on those steps (their --plot-ci takes 1.96 of it).
+    Returns the numbers of a k_sensitivity.csv row, or None where the seeds share no step."""
+    common = sorted(set.intersection(*(set(c) for c in curves.values())))
+    if not common:
+        return None
+    table = np.array([[curves[seed][step] for step in common] for seed in sorted(curves)])  # seeds x steps
+    seed_aucs = table.mean(axis=1)
+    se = float(seed_aucs.std(ddof=1) / np.sqrt(len(seed_aucs))) if len(seed_aucs) > 1 else float("nan")
+    return dict(seeds=" ".join(map(str, sorted(curves))), n_seeds=len(curves), points=len(common), first_step=common[0],
+                last_step=common[-1], longest_step=max(max(c) for c in curves.values()),
+                auc=float(table.mean(axis=0).mean()), seed_auc_se=se)
+
+
+def settings_label(algo: str, settings: tuple) -> str:
+    """DQN (nature, adam, sse): what the runs of one k-sensitivity sweep share."""
+    return f"{algo.upper()} ({', '.join(settings)})"
+
+
+def sweep_of(row: dict) -> tuple:
+    """(algo, settings) of a k_sensitivity.csv row."""
+    return row["algo"], (row["network"], row["optimizer"], row["loss"])
+
+
+def k_sensitivity(runs: list, game_scores: dict):
+    """k_sensitivity.csv's rows: per algorithm, settings (network, optimizer, loss), game and k, the AUC, for the games
+    with an AUC at two or more k of the same algorithm and settings. Returns (rows, notes): the games and k left out, named
+    for the algorithms and settings where some game has two k (a batch of one k per game is no sweep), and steps_notes."""
+    cells = collections.defaultdict(list)  # (algo, settings, game, k) -> runs
+    for run in runs:
+        cells[(run.algo, run.settings, run.game, run.k)].append(run)
+    by_game = collections.defaultdict(list)  # (algo, settings, game) -> one row per k
+    gaps = collections.defaultdict(list)  # (algo, settings) -> what was left out, as sentences
+    for (algo, settings, game, k), cell_runs in sorted(cells.items()):
+        curves = hns_curves(cell_runs, game_scores)
+        numbers = area_under_curve(curves) if curves else None
+        if numbers is None:
+            why = "its seeds share no evaluation step" if curves else "no evaluation point yet"
+            gaps[(algo, settings)].append(f"{game}, k = {k}: {why}: no AUC")
+            continue
+        by_game[(algo, settings, game)].append(dict(algo=algo, network=settings[0], optimizer=settings[1], loss=settings[2],
+                                                    game=game, k=k, me_coef=cell_runs[0].me_coef, **numbers))
+    rows = []
+    for (algo, settings, game), game_rows in by_game.items():
+        if len(game_rows) > 1:
+            rows += sorted(game_rows, key=lambda r: r["me_coef"])
+        else:
+            gaps[(algo, settings)].append(f"{game}: an AUC at k = {game_rows[0]['k']} only: left out")
+    swept = sorted({sweep_of(r) for r in rows})
+    notes = [f"{settings_label(*group)}, {gap}" for group in swept for gap in gaps[group]]
+    return rows, notes + steps_notes(rows)
+
+
+def steps_notes(rows: list) -> list:
+    """Sentences on AUCs that rest on fewer evaluation steps than some of their seeds reached, and on games whose k
+    values rest on different steps (an AUC over the first 10M steps is not comparable with one over 50M)."""
+    notes, spans = [], collections.defaultdict(set)
+    for r in rows:
+        where = f"{settings_label(*sweep_of(r))}, {r['game']}"
+        spans[where].add((r["first_step"], r["last_step"], r["points"]))
+        if r["longest_step"] > r["last_step"]:
+            notes.append(f"{where}, k = {r['k']}: its seeds reach different steps (the furthest {r['longest_step']:,}): "
+                         f"the AUC uses the {r['points']} steps all {r['n_seeds']} have, "
+                         f"{r['first_step']:,} to {r['last_step']:,}")
+    for where, span in spans.items():
+        if len(span) > 1:
+            steps = "; ".join(f"{a:,} to {b:,}, {n} points" for a, b, n in sorted(span))
+            notes.append(f"{where}: its k values rest on different evaluation steps ({steps}): "
+                         "not comparable until all finish")
+    return notes
+
+
+# ---------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------
 
@@ -473,6 +579,34 @@ def plot_relative_change(changes: dict, variant: str, baseline: str, path: str):
     save(fig, path)
 
 
+def plot_k_sensitivity(rows: list, path: str):
+    """The authors' k figure: per game the AUC against k > 0 on a log axis, and its AUC at k = 0 as a dashed line of the
+    game's colour (k = 0 has no place on a log axis); one panel per algorithm and settings."""
+    sweeps = sorted({sweep_of(r) for r in rows})
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.8), squeeze=False)
+    for ax, sweep in zip(axes[0], sweeps):
+        sweep_rows = [r for r in rows if sweep_of(r) == sweep]
+        games = sorted({r["game"] for r in sweep_rows})
+        colors = plt.get_cmap("tab10" if len(games) <= 10 else "tab20")
+        for i, game in enumerate(games):
+            points = sorted((r["me_coef"], r["auc"]) for r in sweep_rows if r["game"] == game)
+            above_zero = [(k, auc) for k, auc in points if k > 0]
+            if above_zero:
+                ax.plot(*zip(*above_zero), marker="o", color=colors(i % colors.N), label=game)
+            if points[0][0] == 0:
+                ax.axhline(points[0][1], color=colors(i % colors.N), ls="--", alpha=0.8)
+        ks = dict(sorted((r["me_coef"], f"|A| = {r['me_coef']:g}" if r["k"] == "|A|" else r["k"]) for r in sweep_rows
+                         if r["me_coef"] > 0))
+        ax.set_xscale("log")
+        ax.set_xticks(list(ks), labels=list(ks.values()))
+        ax.minorticks_off()
+        ax.plot([], [], color="black", ls="--", label="dashed: k = 0 (game's colour)")
+        ax.set(title=settings_label(*sweep), xlabel="mean-scaling coefficient k (log scale)",
+               ylabel="AUC of the human-normalized score\n(mean over evaluations of the mean over seeds)")
+        ax.legend(fontsize=7, ncol=1 + len(games) // 15)
+    save(fig, path)
+
+
 def plot_final_overestimation(per_game: list, path: str) -> bool:
     """Per variant, the spread over games of the final evaluation's overestimation and normalized overestimation
     (each game: the mean over its seeds). Returns False, drawing nothing, where no run has either."""
@@ -540,6 +674,39 @@ def missing_data(variants: dict, all_games: list, aggregate_notes: dict, curve_n
     return lines
 
 
+def k_column(k: str) -> str:
+    """The header of k's column in report.md: markdown_table escapes the cells, not the headers (k = |A|)."""
+    return f"k = {k}".replace("|", "\\|")
+
+
+def k_sensitivity_report(rows: list, notes: list) -> list:
+    """report.md's section on the k sweeps: per algorithm and settings a table of games x k of "AUC (seeds)", the
+    evaluation steps the AUCs use, and what was left out."""
+    lines = ["## k sensitivity (the authors' k figure)", "",
+             "AUC: for one game and k, the human-normalized evaluation score of each seed, averaged over the seeds at each "
+             "evaluation step, then over the evaluation steps all of them have, as the authors' plotting/plot_hypers_perf.py "
+             "computes it. Games with runs at two or more k of the same algorithm, network, optimizer and loss; figure "
+             "`k_sensitivity.png`; every number, with the standard error over seeds of each seed's AUC: "
+             "`k_sensitivity.csv`.", ""]
+    if not rows:
+        return lines + ["No game has runs at two or more k with the same algorithm, network, optimizer and loss: "
+                        "no figure.", ""]
+    for sweep in sorted({sweep_of(r) for r in rows}):
+        sweep_rows = [r for r in rows if sweep_of(r) == sweep]
+        columns = ["game"] + [k_column(k) for _, k in sorted({(r["me_coef"], r["k"]) for r in sweep_rows})]
+        table = collections.defaultdict(dict)
+        for r in sweep_rows:
+            table[r["game"]][k_column(r["k"])] = f"{r['auc']:.3f} ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''})"
+        cells = [{c: table[game].get(c, "") for c in columns} | {"game": game} for game in table]
+        lines += [f"### {settings_label(*sweep)}", "", markdown_table(cells, columns), ""]
+    spans = sorted({(r["first_step"], r["last_step"], r["points"]) for r in rows})
+    if len(spans) == 1:
+        lines += ["Every AUC uses the evaluation steps {:,} to {:,} ({} points).".format(*spans[0]), ""]
+    else:
+        lines += ["The AUCs use different evaluation steps (`first_step`, `last_step`, `points` in `k_sensitivity.csv`).", ""]
+    return lines + [f"- {note}" for note in notes] + ([""] if notes else [])
+
+
 def drop_duplicates(runs: list):
     """One run per (variant, game, seed): the one that got furthest. Returns (runs kept, the others as sentences)."""
     groups = collections.defaultdict(list)
@@ -570,6 +737,8 @@ GAME_COLUMNS = ["variant", "algo", "me_coef", "game", "seeds", "n_seeds", "mean"
                 "human_score", *OVERESTIMATION]
 AGGREGATE_COLUMNS = ["variant", "algo", "me_coef", "metric", "value", "ci_low", "ci_high", "games", "seeds"]
 OVERESTIMATION_COLUMNS = ["variant", "statistic", "median_over_games", "mean_over_games", "games"]
+K_SENSITIVITY_COLUMNS = ["algo", "network", "optimizer", "loss", "game", "k", "me_coef", "seeds", "n_seeds", "points",
+                         "first_step", "last_step", "longest_step", "auc", "seed_auc_se"]
 
 
 def main(args: Args):
@@ -580,7 +749,10 @@ def main(args: Args):
     for name in ("reps", "curve_reps", "curve_points", "workers"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    env_games, game_scores = read_games(args.games_csv)
+    try:
+        env_games, game_scores = read_games(args.games_csv, args.score_table)
+    except KeyError as error:
+        fail(f"--games-csv {args.games_csv!r} has no column {error.args[0]!r} (--score-table {args.score_table} reads it)")
     runs, problems = find_runs(args.runs_dir, args.workers)
     for run in list(runs):
         if run.env_id not in env_games:
@@ -604,6 +776,8 @@ def main(args: Args):
     write_csv(os.path.join(args.out_dir, "aggregate.csv"), aggregates, AGGREGATE_COLUMNS)
     overestimation = overestimation_rows(per_game)
     write_csv(os.path.join(args.out_dir, "overestimation.csv"), overestimation, OVERESTIMATION_COLUMNS)
+    sweeps, sweep_notes = k_sensitivity(runs, game_scores)
+    write_csv(os.path.join(args.out_dir, "k_sensitivity.csv"), sweeps, K_SENSITIVITY_COLUMNS)
 
     figures = []  # (file, caption)
     curves, curve_notes = {}, {}
@@ -638,6 +812,11 @@ def main(args: Args):
             name = f"relative_change_{slug(variant)}_vs_{slug(baseline)}.png"
             plot_relative_change(changes, variant, baseline, os.path.join(args.out_dir, name))
             figures.append((name, f"Per game, {variant} against {baseline} on the final evaluation ({len(changes)} games with both)."))
+    if sweeps:
+        plot_k_sensitivity(sweeps, os.path.join(args.out_dir, "k_sensitivity.png"))
+        figures.append(("k_sensitivity.png", "The authors' k figure: per game, the AUC of the human-normalized evaluation "
+                        "score against k > 0 (log scale); dashed, in the game's colour, its AUC at k = 0 "
+                        "(table: k_sensitivity.csv)."))
 
     missing = missing_data(variants, sorted(game_scores), aggregate_notes, curve_notes, problems)
     summary = [dict(variant=v, algo=rs[0].algo, me_coef=rs[0].k, games=len({r.game for r in rs}),
@@ -655,7 +834,9 @@ def main(args: Args):
         "",
         "## Aggregate human-normalized scores (final evaluation)",
         "",
-        "Human-normalized score: (score - random) / (human - random), from `atari57.csv`. IQM, median, mean and "
+        "Human-normalized score: (score - random) / (human - random), from `atari57.csv` with "
+        f"{SCORE_TABLES[args.score_table][1]} (`--score-table {args.score_table}`), in every table and figure. "
+        "IQM, median, mean and "
         "optimality gap over the matrix of runs (seeds x games), with 95% stratified bootstrap confidence intervals "
         f"({args.reps} resamples; rliable). `games` and `seeds` say what each row rests on. The probability of improvement of "
         "\"A vs B\" is P(A > B) on a game, averaged over the games both have.",
@@ -670,6 +851,7 @@ def main(args: Args):
         "",
         markdown_table(overestimation, OVERESTIMATION_COLUMNS) if overestimation else "No finished run measured it yet.",
         "",
+        *k_sensitivity_report(sweeps, sweep_notes),
         "## Figures",
         "",
     ]

@@ -26,7 +26,8 @@ $(for v in "${PAPER_VARIANTS[@]}"; do printf '                          %-22s %s
   --k LIST              with --algos: numbers >= 0, or default (= |A|) (default: 0,default); variants are named
                         ALGO (k = 0), ib_ALGO (default), ib_dqn1 (dqn, k = 1) and ib_ALGO_kK (any other k)
   --games LIST          game names as in atari57.csv (breakout,ms_pacman,...), the sets atari5 and atari11
-                        (the authors' plotting subsets), or all (default: all)
+                        (the authors' plotting subsets), k_sensitivity (name_this_game, demon_attack,
+                        star_gunner: the games of the authors' k figure), or all (default: all)
   --games-file FILE     game names or sets, one per line (# starts a comment), instead of --games
   --seeds LIST          numbers and ranges: 1-3 (default), 1,4,7, 1-5,10
   --v4                  use the NoFrameskip-v4 ids (CleanRL's protocol: add its flags after --); surround has none
@@ -65,8 +66,11 @@ declare -A VARIANT_FLAGS=([dqn]="--me-coef 0" [ib_dqn]="" [ib_dqn1]="--me-coef 1
 declare -A VARIANT_ROW=([dqn]="DQN (Adam, sse)" [ib_dqn]="IB-DQN(k), k = |A|" [ib_dqn1]="IB-DQN(1)"
                        [dqn_rmsprop_huber]="DQN (RMSprop, Huber)" [ib_dqn_rmsprop_huber]="IB-DQN (RMSprop, Huber)"
                        [dueling_dqn]="Dueling DQN" [rdq]="RDQ (mse, as the authors ran it)" [iqn]="IQN" [ib_iqn]="IB-IQN, k = |A|")
+# The authors' game subsets: their plotting's Atari-5 and 11 games, and the games of their k-sensitivity figure
+# (plotting/plot_hypers_perf.py; with --algos dqn --k 0,1,32,64,128,256,512,1024 it is their whole sweep)
 declare -A GAME_SETS=([atari5]="battle_zone double_dunk name_this_game phoenix qbert"
-                      [atari11]="battle_zone double_dunk name_this_game phoenix qbert alien asterix seaquest space_invaders wizard_of_wor zaxxon")
+                      [atari11]="battle_zone double_dunk name_this_game phoenix qbert alien asterix seaquest space_invaders wizard_of_wor zaxxon"
+                      [k_sensitivity]="name_this_game demon_attack star_gunner")
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 log() { echo "run_all.sh: $*"; }
@@ -248,7 +252,7 @@ declare -A planned_game=()
 for g in "${named[@]}"; do  # a set stands for its games; a game named twice runs once
   read -ra members <<<"${GAME_SETS[$g]:-$g}"
   for m in "${members[@]}"; do
-    [ -n "${env_id[$m]+x}" ] || die "unknown game '$m' (the names of atari57.csv: ${all_games[*]:0:5} ..., or atari5, atari11; see --help)"
+    [ -n "${env_id[$m]+x}" ] || die "unknown game '$m' (the names of atari57.csv: ${all_games[*]:0:5} ..., or atari5, atari11, k_sensitivity; see --help)"
     [ -n "${env_id[$m]}" ] || die "game '$m' has no NoFrameskip-v4 id; drop it or --v4"
     [ -n "${planned_game[$m]+x}" ] || game_list+=("$m")
     planned_game[$m]=1

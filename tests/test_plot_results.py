@@ -114,7 +114,8 @@ def test_confidence_intervals_contain_the_estimate_and_shrink_with_more_seeds(tm
 
 
 FIGURES = ["aggregate_iqm.png", "per_game_curves.png", "action_gap.png", "overestimation.png", "normalized_overestimation.png",
-           "overestimation_final.png", "relative_change_ib_dqn_k_vs_dqn.png", "relative_change_ib_iqn_vs_iqn.png"]
+           "overestimation_final.png", "relative_change_ib_dqn_k_vs_dqn.png", "relative_change_ib_iqn_vs_iqn.png",
+           "k_sensitivity.png"]
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,93 @@ def test_variants_with_no_game_in_common_get_no_probability_of_improvement(tmp_p
     assert "probability_of_improvement" not in (tmp_path / "out" / "aggregate.csv").read_text()
     report = (tmp_path / "out" / "report.md").read_text()
     assert "IB-DQN(k), final-score aggregate: no game finished by both it and DQN: no probability of improvement" in report
+    assert "No game has runs at two or more k with the same algorithm" in report  # one k per game: no sweep
+    assert not (tmp_path / "out" / "k_sensitivity.png").exists()
+
+
+def write_k_runs(runs, game, k, curves, **settings):
+    """DQN runs of one game at one k (None: the scripts' default, |A| = 18), one per seed, from {seed: the human-normalized
+    evaluation scores at steps 250k, 500k, ...}."""
+    for seed, hns in curves.items():
+        points = [(250_000 * (i + 1), score_of(game, h)) for i, h in enumerate(hns)]
+        name = f"{game}__k{k}__s{seed}" + "".join(f"__{value}" for value in settings.values())
+        write_run(runs, name, "dqn", DEMO_GAMES[game][0], seed, me_coef=k, eval_returns=points, **settings)
+
+
+def test_k_sensitivity_is_the_auc_of_the_mean_over_seeds_per_game_and_k(tmp_path):
+    runs = tmp_path / "runs"
+    write_k_runs(runs, "enduro", 0, {1: [0.5, 1.0, 1.5, 2.0], 2: [0.5, 0.5, 0.5, 0.5]})
+    write_k_runs(runs, "enduro", 1, {1: [1.0, 1.0, 1.0, 2.0]})
+    write_k_runs(runs, "enduro", 32, {1: [2.0, 4.0, 9.0, 9.0], 2: [0.0, 2.0]})  # seed 2 unfinished: 2 of 4 evaluations
+    write_k_runs(runs, "breakout", 0, {1: [0.0, 1.0, 1.0, 2.0], 2: [1.0, 1.0, 1.0, 2.0]})
+    write_k_runs(runs, "breakout", None, {3: [2.0, 2.0, 2.0, 2.0]})
+    write_k_runs(runs, "pong", 0, {1: [1.0, 1.0, 1.0, 1.0]})  # one k only: left out, and named
+    write_k_runs(runs, "enduro", 0, {1: [50.0] * 4}, network="dueling")  # other settings: no part of DQN's sweep
+    write_k_runs(runs, "breakout", 0, {1: [50.0] * 4}, optimizer="rmsprop", loss="huber")  # nor this
+    plot(runs, tmp_path / "out")
+    rows = {(r["game"], r["k"]): r for r in read_csv(tmp_path / "out" / "k_sensitivity.csv")}
+    # by hand: the mean over seeds at each step, then the mean over the steps every seed has
+    expected = {  # (game, k): (AUC, seeds, evaluation steps used, standard error over seeds of each seed's AUC)
+        ("enduro", "0"): ((0.5 + 0.75 + 1.0 + 1.25) / 4, "1 2", 4, 0.375),  # seed AUCs 1.25 and 0.5
+        ("enduro", "1"): (1.25, "1", 4, float("nan")),
+        ("enduro", "32"): ((1.0 + 3.0) / 2, "1 2", 2, 1.0),  # the first two steps only; seed AUCs 3 and 1
+        ("breakout", "0"): ((0.5 + 1.0 + 1.0 + 2.0) / 4, "1 2", 4, 0.125),  # seed AUCs 1 and 1.25
+        ("breakout", "|A|"): (2.0, "3", 4, float("nan")),
+    }
+    assert set(rows) == set(expected)
+    for key, (auc, seeds, points, se) in expected.items():
+        row = rows[key]
+        assert float(row["auc"]) == pytest.approx(auc, abs=1e-6), key  # TensorBoard stores float32 scores
+        assert (row["seeds"], row["n_seeds"], row["points"]) == (seeds, str(len(seeds.split())), str(points)), key
+        assert float(row["seed_auc_se"]) == pytest.approx(se, abs=1e-6, nan_ok=True), key
+        assert (row["algo"], row["network"], row["optimizer"], row["loss"]) == ("dqn", "nature", "adam", "sse")
+    assert float(rows[("breakout", "|A|")]["me_coef"]) == 18.0
+    assert (rows[("enduro", "32")]["first_step"], rows[("enduro", "32")]["last_step"]) == ("250000", "500000")
+    assert rows[("enduro", "32")]["longest_step"] == "1000000"
+    path = tmp_path / "out" / "k_sensitivity.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.imread(path).std() > 0.01
+    report = (tmp_path / "out" / "report.md").read_text()
+    section = report[report.index("## k sensitivity"):report.index("## Figures")]
+    assert "### DQN (nature, adam, sse)" in section and "![k_sensitivity.png](k_sensitivity.png)" in report
+    assert "| game | k = 0 | k = 1 | k = \\|A\\| | k = 32 |" in section  # k in order of its value, |A| = 18
+    assert "| breakout | 1.125 (2 seeds) |  | 2.000 (1 seed) |  |" in section
+    assert "| enduro | 0.875 (2 seeds) | 1.250 (1 seed) |  | 2.000 (2 seeds) |" in section
+    assert "- DQN (nature, adam, sse), pong: an AUC at k = 0 only: left out" in section
+    assert ("- DQN (nature, adam, sse), enduro, k = 32: its seeds reach different steps (the furthest 1,000,000): "
+            "the AUC uses the 2 steps all 2 have, 250,000 to 500,000") in section
+    assert "- DQN (nature, adam, sse), enduro: its k values rest on different evaluation steps" in section
+    assert "dueling" not in section and "rmsprop" not in section  # one k each: no sweep, nothing to say
+
+
+def test_video_pinball_is_normalized_with_the_authors_random_score_unless_told_otherwise(tmp_path):
+    import plot_results
+
+    games_csv = plot_results.Args().games_csv
+    authors, dqn_zoo = (plot_results.read_games(games_csv, table)[1] for table in ("authors", "dqn_zoo"))
+    assert round(float(plot_results.human_normalized(20_000, "video_pinball", authors)), 2) == 1.13  # 20,000 / 17,667.9
+    assert round(float(plot_results.human_normalized(20_000, "video_pinball", dqn_zoo)), 2) == 2.65  # 3,743.1 / 1,411
+    assert [g for g in authors if authors[g] != dqn_zoo[g]] == ["video_pinball"]  # the one game the tables differ in
+    write_run(tmp_path / "runs", "pinball", "dqn", "ALE/VideoPinball-v5", 1, me_coef=0, final_mean=20_000.0,
+              eval_returns=curve(20_000.0))
+    tables = [((), 0.0, 20_000 / 17_667.9, "the authors' table"),
+              (("--score-table", "dqn_zoo"), 16_256.9, 3_743.1 / 1_411, "DQN Zoo's table")]
+    for extra, random_score, normalized, named in tables:
+        plot(tmp_path / "runs", tmp_path / "out", *extra)
+        row = read_csv(tmp_path / "out" / "per_game.csv")[0]
+        assert float(row["random_score"]) == random_score and float(row["human_normalized"]) == pytest.approx(normalized)
+        assert named in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_games_table_without_the_chosen_random_scores_is_refused(tmp_path):
+    write_run(tmp_path / "runs", "a", "dqn", "ALE/Pong-v5", 1, me_coef=0, final_mean=0.0, eval_returns=curve(0.0))
+    with open(os.path.join(ROOT, "atari57.csv")) as f:
+        lines = f.read().splitlines()
+    shared = tmp_path / "shared.csv"  # DQN Zoo's columns only, as ../shared/atari57.csv
+    shared.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in lines))
+    proc = plot(tmp_path / "runs", tmp_path / "out", "--games-csv", str(shared), code=2)
+    assert "has no column 'authors_random_score' (--score-table authors reads it)" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    plot(tmp_path / "runs", tmp_path / "out", "--games-csv", str(shared), "--score-table", "dqn_zoo")
 
 
 @pytest.mark.parametrize("runs_dir,args,message", [

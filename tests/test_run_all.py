@@ -48,14 +48,24 @@ def planned(stdout):
 # ---------------------------------------------------------------------------
 
 
+# The one intended difference between the authors' random scores (their ale_utils) and DQN Zoo's, which the shared
+# table holds: plot_results.py uses the authors' by default (docs/human_normalized_scores.md)
+AUTHORS_RANDOM_SCORES = {"video_pinball": 0.0}  # DQN Zoo's: 16,256.9
+
+
 def test_the_games_are_the_57_of_the_shared_table():
     games = games_table()
     assert len(games) == 57 and len({g["game"] for g in games}) == 57
     breakout = next(g for g in games if g["game"] == "breakout")
     assert (breakout["ale_v5_id"], breakout["random_score"], breakout["human_score"]) == ("ALE/Breakout-v5", "1.7", "30.5")
+    differ = {g["game"]: float(g["authors_random_score"]) for g in games
+              if float(g["authors_random_score"]) != float(g["random_score"])}
+    assert differ == AUTHORS_RANDOM_SCORES
     if not os.path.exists(SHARED_GAMES):
         pytest.skip("../shared/atari57.csv is not beside this checkout (as on CI): the copy was compared where it is")
-    assert games == games_table(SHARED_GAMES)
+    shared = games_table(SHARED_GAMES)
+    assert list(games[0]) == list(shared[0]) + ["authors_random_score"]  # the shared columns, then the authors' one
+    assert [{column: g[column] for column in shared[0]} for g in games] == shared  # every shared column as it is there
 
 
 def test_dry_run_plans_the_paper_comparison(tmp_path):
@@ -125,6 +135,25 @@ def test_dry_run_options_and_extra_flags(tmp_path):
     assert [(f["--env-id"], f["--run-name"]) for _, f in v4] == [("BreakoutNoFrameskip-v4", "breakout__dqn__s1__v4")]
     k1 = planned(run_all(tmp_path, "--dry-run", "--games", "pong", "--algos", "dqn", "--seeds", "1", "--k", "1,default").stdout)
     assert [f["--run-name"] for _, f in k1] == ["pong__ib_dqn1__s1", "pong__ib_dqn__s1"]  # the paper's rows by their names
+
+
+K_SENSITIVITY = ["name_this_game", "demon_attack", "star_gunner"]  # the authors' plotting/plot_hypers_perf.py, its order
+AUTHORS_KS = ["0", "1", "32", "64", "128", "256", "512", "1024"]  # its k values, and k = 0 for its dashed lines
+
+
+def test_one_command_plans_the_authors_k_sensitivity_sweep(tmp_path):
+    proc = run_all(tmp_path, "--dry-run", "--algos", "dqn", "--k", ",".join(AUTHORS_KS), "--games", "k_sensitivity")
+    runs = planned(proc.stdout)
+    assert len(runs) == 3 * 8 * 3
+    assert "72 runs: 3 games x 8 variants (dqn ib_dqn1 ib_dqn_k32 ib_dqn_k64 ib_dqn_k128 ib_dqn_k256 ib_dqn_k512 " \
+           "ib_dqn_k1024) x 3 seeds" in proc.stderr
+    env_ids = {g["game"]: g["ale_v5_id"] for g in games_table()}
+    assert {(script, f["--env-id"], f["--me-coef"], f["--seed"]) for script, f in runs} == {
+        ("dqn_atari_meanexp.py", env_ids[g], k, s) for g in K_SENSITIVITY for k in AUTHORS_KS for s in ("1", "2", "3")}
+    assert all(set(f) == {"--env-id", "--seed", "--me-coef", "--run-name"} for _, f in runs)  # Adam, sse, Nature CNN
+    assert [f["--run-name"].split("__")[0] for _, f in runs[::24]] == K_SENSITIVITY
+    assert [f["--run-name"] for _, f in runs[48::3]] == ["star_gunner__dqn__s1", "star_gunner__ib_dqn1__s1",
+                                                         *(f"star_gunner__ib_dqn_k{k}__s1" for k in AUTHORS_KS[2:])]
 
 
 def test_slurm_dry_run_prints_the_sbatch_script_and_writes_nothing(tmp_path):
