@@ -12,28 +12,20 @@ al., ICML 2026) is applied over the actions of every quantile sample:
 
 It is the function `mean_expansion` below and the last line of `IQNNetwork.quantiles`;
 everything else is IQN as PFRL's Atari reproduction runs it (defaults = that protocol, see
-README.md). Environment, replay buffer, evaluation and logging are word for word those of
+docs/protocol.md and docs/iqn.md). Environment, replay buffer, evaluation and logging are word for word those of
 dqn_atari_meanexp.py.
 
-How to read this script, top to bottom: Args (every flag; the defaults are the paper's protocol);
-the mean-expansion head and the network; the environment; the replay buffer; the loss and the update;
-evaluation; the training loop (`main` and `train`: act, step, store, learn, sync the target, log,
-evaluate). The last section, the long-run machinery (checking flags, checkpoints and exact resume,
-signals, the run directory), keeps multi-day runs safe and can be skipped on a first reading.
+How to read this script, top to bottom: Args (every flag; the defaults are the paper's protocol); the mean-expansion
+head and the network; the environment; the replay buffer; the loss and the update; evaluation; the training loop
+(`main` and `train`: act, step, store, learn, sync the target, log, evaluate). The long-run machinery (flag checks,
+checkpoints and exact resume, signals, the run directory) is longrun.py, which must sit beside this file and which a
+first reading can skip; the last section says what this script hands it.
 """
 
 import atexit
-import collections
 import copy
 import dataclasses
-import difflib
-import importlib.util
-import json
 import os
-import pickle
-import random
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -43,10 +35,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import tyro
 from stable_baselines3.common.atari_wrappers import EpisodicLifeEnv, FireResetEnv, MaxAndSkipEnv, NoopResetEnv, WarpFrame
 from torch.utils.tensorboard import SummaryWriter
+
+import longrun  # the long-run machinery: checkpoints, resume, signals, the run directory
 
 gym.register_envs(ale_py)  # makes the ALE/... and ...NoFrameskip-v4 ids known to gymnasium
 
@@ -81,7 +73,7 @@ class Args:
     wandb_group: Optional[str] = None
     """the wandb group the run joins (run_all.sh gives each batch one)"""
 
-    # Environment: the defaults are the paper's protocol (README.md shows CleanRL's)
+    # Environment: the defaults are the paper's protocol (docs/protocol.md shows CleanRL's)
     env_id: str = "ALE/Breakout-v5"
     """the gymnasium ALE id of the game (ALE/Breakout-v5, or BreakoutNoFrameskip-v4)"""
     sticky_action_prob: float = 0.25
@@ -153,11 +145,14 @@ class Args:
     progress_interval: float = 30.0
     """seconds between console progress lines"""
 
-    # Checkpoints: a long run survives preemption and time limits (README.md, "Long runs")
+    # Checkpoints: a long run survives preemption and time limits (docs/long-runs.md)
     checkpoint_interval: int = 1_000_000
     """agent steps between checkpoints to runs/{run_name}/checkpoint.pt (0: only at the start, the end and on a signal)"""
     checkpoint_buffer: bool = True
     """whether checkpoints hold the replay buffer (7 GB when full); without it a resumed run refills it before learning"""
+    keep_checkpoints: int = 1
+    """checkpoints kept: the newest as checkpoint.pt, the others as checkpoint_step{N}.pt; --resume falls back to the
+    newest readable one, so a damaged file costs only the steps since the one before it"""
     resume: Optional[str] = None
     """a run directory to continue from its checkpoint, with the run's own settings (only a few flags may change)"""
     eval_model: Optional[str] = None
@@ -266,7 +261,7 @@ def make_env(args: Args, seed: int, capture_video: bool = False, run_dir: str = 
         env = WarpFrame(env)  # 84x84 grayscale, shape (84, 84, 1)
         env = gym.wrappers.ReshapeObservation(env, (84, 84))
         env = gym.wrappers.FrameStackObservation(env, 4)  # (4, 84, 84); an episode's first frame pads its first stacks
-        env = SnapshotEnv(env)
+        env = longrun.SnapshotEnv(env)
         env.action_space.seed(seed)  # the games themselves are seeded by the first reset(seed=...)
         return env
 
@@ -302,7 +297,7 @@ def make_train_envs(args: Args, run_dir: str):
     thunks = [make_env(args, args.seed + i, args.capture_video and i == 0, run_dir) for i in range(args.num_envs)]
     if args.num_envs == 1:
         return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-    thunks = [leave_signals_to_main_process(thunk) for thunk in thunks]
+    thunks = [longrun.leave_signals_to_main_process(thunk) for thunk in thunks]
     return gym.vector.AsyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
@@ -568,7 +563,7 @@ def final_statistics(result: dict) -> dict:
     """What final_eval.json (and --eval-model) report of an evaluation: the games' scores and the Q statistics."""
     scores = result["scores"]
     return {"episodes": len(scores), "scores": scores, "lengths": result["lengths"], "mean": float(np.mean(scores)),
-            "median": float(np.median(scores)), "std": float(np.std(scores)),
+            "median": float(np.median(scores)), "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
             **{key: result[key] for key in EVAL_LOGGED}}
 
 
@@ -628,8 +623,8 @@ class Parts:
 def main(args: Args):
     """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
     if args.eval_model is not None:
-        return evaluate_saved_model(args)  # no training: the machinery at the end
-    run = Run.start(args)  # checks, seeds, device, |A| and k, run directory, TensorBoard, signals: the machinery
+        return longrun.evaluate_saved_model(args, EXPERIMENT)  # no training: --eval-model
+    run = longrun.Run.start(args, EXPERIMENT)  # checks, seeds, device, |A| and k, run directory, TensorBoard, signals
     if run is None:
         return  # a finished run: nothing to do
     q_network = make_network(args, run.n_actions, run.me_coef).to(run.device)
@@ -655,7 +650,7 @@ def main(args: Args):
     final_evaluation(args, run, parts, state)
 
 
-def train(args: Args, run: "Run", p: Parts, state: LoopState):
+def train(args: Args, run: longrun.Run, p: Parts, state: LoopState):
     """Act, step, store, learn, sync the target, log, evaluate, until --total-timesteps (checkpointing on the way)."""
     while state.global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, state.global_step)
@@ -714,7 +709,7 @@ def learn(args: Args, p: Parts, state: LoopState):
         state.updates += 1
 
 
-def log_training(run: "Run", p: Parts, state: LoopState, epsilon: float):
+def log_training(run: longrun.Run, p: Parts, state: LoopState, epsilon: float):
     """TensorBoard: means over the updates since the last point, rate, epsilon. Here (.tolist(), check_finite) and
     at checkpoints are the loop's only device syncs."""
     step, writer = state.global_step, run.writer
@@ -731,7 +726,7 @@ def log_training(run: "Run", p: Parts, state: LoopState, epsilon: float):
     writer.add_scalar("charts/updates", state.updates, step)
 
 
-def periodic_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
+def periodic_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState):
     """Evaluates the online network and keeps the best one, which the protocol's final evaluation plays."""
     started = time.time()
     result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng,
@@ -750,7 +745,7 @@ def periodic_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
           f"{len(result['scores'])} episodes, overestimation {over}")
 
 
-def final_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
+def final_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState):
     """The best network (the last one without periodic evaluations) plays --final-eval-episodes games: final_eval.json."""
     if args.save_model:
         torch.save(p.q_network.state_dict(), os.path.join(run.dir, f"{args.exp_name}.cleanrl_model"))
@@ -771,547 +766,24 @@ def final_evaluation(args: Args, run: "Run", p: Parts, state: LoopState):
 
 
 # ===========================================================================
-# The long-run machinery: a first reader may skip it. Checking the command line, resuming,
-# checkpoints, signals, the run directory and its files
+# What the long-run machinery (longrun.py: checkpoints, resume, signals, the run directory) is handed
 # ===========================================================================
 
 
 def algo_errors(args: Args) -> list:
-    """The checks of this algorithm's own flags (check_args below does the rest)."""
+    """The checks of this algorithm's own flags (longrun.check_args does the rest)."""
     positive = ("num_tau_samples", "num_tau_prime_samples", "num_quantile_samples", "quantile_embedding_dim", "kappa")
     return [f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})"
             for name in positive if not getattr(args, name) > 0]
 
 
-def check_args(args: Args) -> list:
-    """Returns one message per bad setting (empty when all are fine)."""
-    errors = []
-    if args.env_id not in gym.registry:
-        close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
-        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5"
-        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
-    elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
-        errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
-    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
-                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate",
-                "optimizer_eps", "progress_interval"]
-    non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
-    probabilities = ["start_e", "end_e", "eval_epsilon"]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            errors.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in non_negative:
-        if not getattr(args, name) >= 0:
-            errors.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    for name in probabilities:
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            errors.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
-    if not 0.0 <= args.sticky_action_prob < 1.0:
-        errors.append(f"--sticky-action-prob must be in [0, 1) (got {args.sticky_action_prob})")
-    if not 0.0 < args.gamma <= 1.0:
-        errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
-    if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
-        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}")
-    if args.batch_size > args.learning_starts:
-        errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
-                      "the first update would sample more transitions than the buffer holds")
-    if args.num_envs > 0 and args.buffer_size < ReplayBuffer.MIN_SLOTS_PER_ENV * args.num_envs:
-        errors.append(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs "
-                      f"(at least {ReplayBuffer.MIN_SLOTS_PER_ENV} per env)")
-    if args.batch_size > args.buffer_size > 0:
-        errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.run_name is not None and (not args.run_name or "/" in args.run_name or args.run_name in (".", "..")):
-        errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
-    if args.capture_video and importlib.util.find_spec("moviepy") is None:
-        errors.append("--capture-video needs moviepy: pip install moviepy")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        errors.append("--track needs wandb: pip install -r requirements-track.txt (README.md, 'Experiment tracking')")
-    return errors + algo_errors(args)
-
-
-RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "progress_interval", "cuda", "save_model",
-                     "compile", "track", "wandb_project_name", "wandb_entity", "wandb_group")
-
-
-CHECKPOINT = "checkpoint.pt"  # in the run directory
-
-
-def read_config(run_dir: str) -> Optional[dict]:
-    """The settings a run recorded in its config.json, or None where there is no readable one."""
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and "algo" in config else None
+EXPERIMENT = longrun.Experiment(ALGO, Args, FIXED_SETTINGS, algo_errors, make_env, make_eval_env, make_network,
+                                default_me_coef, ReplayBuffer, evaluate, final_statistics)
 
 
 def parse_args(argv=None) -> Args:
-    """The command line. With --resume RUN_DIR (or --eval-model RUN_DIR/MODEL), the flags not given take the run's
-    saved settings, not the defaults."""
-    args = tyro.cli(Args, args=argv)
-    run_dir = args.resume
-    if args.eval_model is not None:
-        run_dir = os.path.dirname(args.eval_model) or "."
-    config = read_config(run_dir) if run_dir is not None else None
-    if config is None:
-        return args  # main() explains what is wrong with --resume; --eval-model without config.json uses the flags
-    saved = {field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config}
-    if args.eval_model is not None:
-        saved.pop("track", None)  # an evaluation is not tracked
-    return tyro.cli(Args, args=argv, default=Args(**{**saved, "resume": args.resume, "eval_model": args.eval_model}))
-
-
-def check_resume(args: Args) -> list:
-    """Returns one message per reason --resume cannot continue the run (empty when it can)."""
-    run_dir = args.resume
-    if not os.path.isdir(run_dir):
-        return [f"--resume {run_dir!r}: no such directory"]
-    config = read_config(run_dir)
-    if config is None:
-        return [f"--resume {run_dir!r} is not a run directory of these scripts (no readable config.json)"]
-    if config["algo"] != ALGO:
-        return [f"--resume {run_dir!r} is a {config['algo'].upper()} run: resume it with {config['algo']}_atari_meanexp.py"]
-    errors = []
-    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-        errors.append(f"--resume {run_dir!r} has no {CHECKPOINT} (the run stopped before its first one): "
-                      "remove or rename the directory, then start the run again")
-    may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE)
-    for name in (field.name for field in dataclasses.fields(Args)):
-        if name in config and name not in (*RESUME_MAY_CHANGE, "resume") and getattr(args, name) != config[name]:
-            errors.append(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run's {config[name]}: "
-                          f"a resumed run keeps its settings (only {may_change} may change)")
-    return errors
-
-
-def available_memory_bytes() -> int:
-    """Memory this process can still get: the machine's MemAvailable, or less where a cgroup
-    (a container, a SLURM job) sets a lower limit."""
-    def read_int(path):
-        try:
-            with open(path) as f:
-                return int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None  # no such file, or "max": no limit
-
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit, usage in [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]:
-        limit, usage = read_int(f"/sys/fs/cgroup/{limit}"), read_int(f"/sys/fs/cgroup/{usage}")
-        if limit is not None and usage is not None:
-            free = min(free, limit - usage)
-    return free
-
-
-class Run:
-    """One run's directory, config.json, TensorBoard writer, progress line, checkpoints and signals."""
-
-    @classmethod
-    def start(cls, args: Args) -> Optional["Run"]:
-        """Checks everything before anything is written; None where a resumed run is already finished."""
-        errors = check_args(args) + (check_resume(args) if args.resume is not None else [])
-        if errors:
-            fail(errors)
-        resumed = None  # the checkpoint we continue from: its tensors stay in the file (mmap) until copied into place
-        if args.resume is not None:
-            resumed = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=False, mmap=True)
-            if resumed["global_step"] > args.total_timesteps:
-                fail([f"--total-timesteps {args.total_timesteps} is below the {resumed['global_step']} steps done"])
-            if resumed["global_step"] == args.total_timesteps and os.path.exists(os.path.join(args.resume, "final_eval.json")):
-                print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
-                      "(a larger --total-timesteps extends it)")
-                return None
-        return cls(args, resumed)
-
-    def __init__(self, args: Args, resumed: Optional[dict]):
-        self.args, self.resumed = args, resumed
-        self.n_actions, self.me_coef = actions_and_coef(args)
-        check_memory(args)
-        if resumed is None:
-            game = args.env_id.replace("/", "-")
-            run_name = args.run_name or f"{game}__{args.exp_name}__k{self.me_coef:g}__{args.seed}__{int(time.time())}"
-            self.dir = os.path.join("runs", run_name)
-            if os.path.exists(self.dir):
-                fail([f"run directory {self.dir} already exists; choose another --run-name (nothing was overwritten)"])
-        else:
-            self.dir, run_name = args.resume, args.run_name
-        self.checkpoint_path = os.path.join(self.dir, CHECKPOINT)
-        self.device = seed_and_device(args)
-
-        # Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (a batch system's warning): checkpoint at the next safe point, then exit;
-        # a second one while the checkpoint is written is only recorded, so the write always completes
-        self.stop_signals = []
-        self.previous_handlers = {sig: signal.signal(sig, lambda signum, frame: self.stop_signals.append(signum))
-                                  for sig in STOP_SIGNALS}  # from before the run directory exists
-        self.training_done = False
-        settings = effective_settings(args, run_name, self.n_actions, self.me_coef, self.device)
-        if resumed is not None:  # the first command stays; each resume is recorded after it
-            previous = read_config(self.dir)
-            resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"],
-                      "device": str(self.device)}
-            # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
-            settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
-                            resumes=previous.get("resumes", []) + [resume])
-            if "wandb_run_id" in previous:  # a tracked run continues its wandb run
-                settings["wandb_run_id"] = previous["wandb_run_id"]
-        if args.track:  # before the run directory exists: a failed login leaves nothing behind
-            settings["wandb_run_id"] = start_tracking(args, run_name, settings, self.dir)
-        if resumed is None:
-            os.makedirs(self.dir)
-        write_json(os.path.join(self.dir, "config.json"), settings)
-        # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
-        self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
-        if resumed is None:
-            table = "\n".join(f"|{k}|{v}|" for k, v in settings.items())
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        self.checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
-        self.checkpoint_due = False
-
-    def begin(self, state: LoopState, p: Parts) -> LoopState:
-        """The state the loop starts from: a resumed run's, restored exactly; a new run's, checkpointed at once."""
-        if self.resumed is not None:
-            state = self.restore(state, p)
-        else:
-            self.checkpoint(state, p)  # a run killed before its first periodic checkpoint can still be resumed
-        self.progress = Progress(self.args, state.global_step, time.time())
-        return state
-
-    def restore(self, state: LoopState, p: Parts) -> LoopState:
-        """Continues exactly where the checkpoint left off."""
-        saved, args = self.resumed, self.args
-        copy_out = lambda t: t.to(self.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
-        # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
-        state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
-        state.sums, state.bad_step = copy_out(state.sums), copy_out(state.bad_step)
-        state.update_origin = tuple(state.update_origin)
-        if state.best_state is not None:
-            state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
-        p.q_network.load_state_dict(saved["q_network"])
-        p.target_network.load_state_dict(saved["target_network"])
-        p.optimizer.load_state_dict(saved["optimizer"])
-        p.envs.set_attr("snapshot", list(saved["envs"]))
-        p.eval_env.snapshot = saved["eval_env"]
-        if state.starting.any():  # only a final checkpoint has envs due to autoreset: their next step() is that reset
-            p.envs.set_attr("reset_on_next_step", state.starting.tolist())
-        set_rng_states(saved["rng"], self.device)
-        p.rng.bit_generator.state, p.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
-        if saved["replay"] is not None:
-            p.rb.load_state_dict(saved["replay"])
-        else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
-            p.rb.start_episodes(state.obs[:, -1])
-            state.update_origin = (state.global_step + args.learning_starts, state.updates)
-        print(f"resumed {self.dir} at step {state.global_step:,}")
-        self.resumed = None  # closes the file's memory map
-        return state
-
-    def checkpoint(self, state: LoopState, p: Parts):
-        """Writes everything the loop needs to go on exactly as if it had never stopped."""
-        self.check_finite(state, p)
-        self.writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
-        saved = {"algo": ALGO, **vars(state), "q_network": p.q_network.state_dict(),
-                 "target_network": p.target_network.state_dict(), "optimizer": p.optimizer.state_dict(),
-                 "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot, "rng": rng_states(self.device),
-                 "explore_rng": p.rng.bit_generator.state, "eval_rng": p.eval_rng.bit_generator.state,
-                 "replay": p.rb.state_dict() if self.args.checkpoint_buffer else None}
-        atomic_save(self.checkpoint_path, lambda tmp: torch.save(saved, tmp))
-        self.checkpoint_step = state.global_step
-
-    def checkpoint_when_due(self, before: int, state: LoopState, p: Parts):
-        """Every --checkpoint-interval steps, and on SIGTERM/SIGUSR1 (then exits for a requeue)."""
-        self.checkpoint_due |= bool(crossed(before, state.global_step, self.args.checkpoint_interval))
-        if (self.checkpoint_due or self.stop_signals) and not state.starting.any():  # an env due to autoreset cannot be saved
-            self.checkpoint(state, p)
-            self.checkpoint_due = False
-            if self.stop_signals:
-                self.exit_for_requeue(self.stop_signals[0])
-
-    def check_finite(self, state: LoopState, p: Parts):
-        """Stops the run, keeping the last good checkpoint, once a loss, a Q-value or a weight is not finite."""
-        step = int(state.bad_step)  # a device sync: only at log points and checkpoints
-        weights_ok = bool(torch.stack([w.isfinite().all() for w in p.q_network.parameters()]).all())
-        if step >= 0 or not weights_ok:
-            where = f"at step {step:,}" if step >= 0 else f"in the network's weights by step {state.global_step:,}"
-            kept = f"its last good checkpoint, of step {self.checkpoint_step:,}, is kept in {self.checkpoint_path}"
-            self.writer.close()
-            fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
-
-    def exit_for_requeue(self, signum, frame=None):
-        """After a checkpoint: says how to continue, then exits: 130 after Ctrl-C, else the code a batch system requeues on."""
-        code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_REQUEUE
-        self.writer.close()
-        stage = " (it holds the whole training: the resumed run plays the final evaluation)" if self.training_done else ""
-        print(f"signal {signal.Signals(signum).name}: checkpoint at step {self.checkpoint_step:,} in {self.checkpoint_path}"
-              f"{stage}; continue with --resume {self.dir} (exit code {code})", flush=True)
-        sys.exit(code)
-
-    def report_progress(self, state: LoopState):
-        line = self.progress.line(state, time.time())
-        if line is not None:
-            print(line, flush=True)
-
-    def end_training(self, state: LoopState, p: Parts):
-        if state.global_step > self.progress.start_step:
-            self.checkpoint(state, p)  # the end of training: a final evaluation cut short, or a longer run, resumes from here
-        p.envs.close()
-        self.training_done = True
-        for sig in self.previous_handlers:  # the checkpoint holds the whole run: a signal stops the final evaluation now
-            signal.signal(sig, self.exit_for_requeue)
-        if self.stop_signals:  # one came on the last training step, while an env was due to autoreset
-            self.exit_for_requeue(self.stop_signals[0])
-
-    def finish(self, final: dict):
-        """Writes final_eval.json (keeping an earlier result of an extended run) and closes the logs."""
-        final_path = os.path.join(self.dir, "final_eval.json")
-        if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result
-            with open(final_path) as f:
-                previous = json.load(f)
-            os.replace(final_path, os.path.join(self.dir, f"final_eval_step{previous['total_steps']}.json"))
-        write_json(final_path, final)
-        self.writer.close()
-        if self.args.track:  # the final evaluation goes into the wandb run's summary; then the upload (or offline write) ends
-            import wandb
-
-            wandb.run.summary.update({f"final_eval/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
-            wandb.finish()
-        print(f"final evaluation: mean {final['mean']:.1f}, median {final['median']:.1f} over {final['episodes']} episodes "
-              f"-> {final_path}")
-        for sig, handler in self.previous_handlers.items():  # for callers that go on after main(), such as tests
-            signal.signal(sig, handler)
-
-
-class Progress:
-    """The console progress line. Its rate and ETA are those of the last `window` lines: the whole run's average
-    would count the fast collection before learning starts (an ETA of 31 h for a run that needed 4 days)."""
-
-    def __init__(self, args: Args, step: int, now: float, window: int = 10):
-        self.args, self.start_step, self.start_time, self.eval_time = args, step, now, 0.0
-        self.marks = collections.deque([(now, step)], maxlen=window + 1)  # (time, step) of the recent lines
-
-    def training_rate(self, step: int) -> float:
-        """Agent steps per second since the start of this process, evaluations left out (TensorBoard's charts/SPS)."""
-        return (step - self.start_step) / max(time.time() - self.start_time - self.eval_time, 1e-9)
-
-    def line(self, state: LoopState, now: float) -> Optional[str]:
-        """The progress line when one is due (every --progress-interval seconds, and at the end), else None."""
-        total = self.args.total_timesteps
-        if now - self.marks[-1][0] < self.args.progress_interval and state.global_step < total:
-            return None
-        self.marks.append((now, state.global_step))
-        (then, step_then), elapsed = self.marks[0], now - self.start_time
-        rate = (state.global_step - step_then) / max(now - then, 1e-9)
-        eta = format_duration((total - state.global_step) / rate) if rate > 0 else "n/a"
-        recent = f"{np.mean(state.recent_returns):.1f}" if state.recent_returns else "n/a"
-        return (f"step {state.global_step:,}/{total:,} ({100 * state.global_step / total:.1f}%) | {rate:,.0f} SPS recently | "
-                f"elapsed {format_duration(elapsed)} | ETA {eta} | {state.episodes:,} episodes, "
-                f"return (last {len(state.recent_returns)}) {recent}")
-
-
-def evaluate_saved_model(args: Args):
-    """--eval-model: the saved network plays --final-eval-episodes games on the evaluation env (seeded 2^31 - 1 - seed,
-    the run's evaluation epsilon), as the run's final evaluation; prints the statistics and writes them beside it."""
-    path = args.eval_model
-    out = f"{os.path.splitext(path)[0]}_eval_seed{args.seed}.json"
-    errors = check_args(args) + ([] if args.resume is None else ["--eval-model and --resume exclude each other"])
-    config = read_config(os.path.dirname(path) or ".")
-    if not os.path.isfile(path):
-        errors.append(f"--eval-model {path!r}: no such file (--save-model writes runs/RUN/EXP_NAME.cleanrl_model)")
-    elif config is not None and config["algo"] != ALGO:
-        errors.append(f"--eval-model {path!r} is a {config['algo'].upper()} model: "
-                      f"evaluate it with {config['algo']}_atari_meanexp.py")
-    if os.path.exists(out):
-        errors.append(f"{out} exists (this model, this seed): move it away or choose another --seed (nothing was overwritten)")
-    if errors:
-        fail(errors)
-    n_actions, me_coef = actions_and_coef(args)
-    network = make_network(args, n_actions, me_coef)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    mine = network.state_dict()
-    if not isinstance(saved, dict) or saved.keys() != mine.keys():
-        fail([f"--eval-model {path!r} is not a network {ALGO}_atari_meanexp.py saves with these settings (another algorithm, "
-              "or another --network?)"])
-    wrong = [f"{k} {tuple(v.shape)} (here {tuple(mine[k].shape)})" for k, v in saved.items() if v.shape != mine[k].shape]
-    if wrong:
-        fail([f"--eval-model {path!r} does not fit {args.env_id} with {n_actions} actions (full action set: "
-              f"{args.full_action_space}): {', '.join(wrong)}"])
-    network.load_state_dict(saved)
-    device = seed_and_device(args)
-    env, eval_rng = make_eval_env(args, args.capture_video, os.path.dirname(path) or ".")
-    result = evaluate(network.to(device), env, device, args.eval_epsilon, args.gamma, eval_rng,
-                      max_episodes=args.final_eval_episodes)
-    env.close()
-    stats = final_statistics(result)
-    write_json(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed, "epsilon": args.eval_epsilon,
-                     **stats})
-    print(f"evaluation of {path}: mean {stats['mean']:.1f}, median {stats['median']:.1f} over {stats['episodes']} episodes, "
-          f"overestimation {stats['overestimation']} -> {out}")
-
-
-def start_tracking(args: Args, run_name: str, settings: dict, run_dir: str) -> str:
-    """--track: a Weights & Biases run that mirrors the TensorBoard logs (CleanRL's setup); a resumed run continues
-    its wandb run. Returns the wandb run id, which config.json keeps."""
-    import wandb  # only here: wandb is optional
-
-    try:
-        tracked = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                             name=run_name, id=settings.get("wandb_run_id"), resume="allow", config=settings,
-                             sync_tensorboard=True, save_code=True)
-    except Exception as e:  # no login, no network: say so now, not hours in
-        fail([f"--track: wandb could not start ({type(e).__name__}: {e}); run `wandb login`, or set WANDB_MODE=offline "
-              "and upload later with `wandb sync`"])
-    if args.capture_video:  # uploads each video as it is written
-        run_dir = os.path.abspath(run_dir)
-        wandb.save(os.path.join(run_dir, "videos", "*.mp4"), base_path=run_dir, policy="live")
-    return tracked.id
-
-
-def actions_and_coef(args: Args) -> tuple:
-    """|A| of the game (one env built and closed, before anything large is allocated) and the run's k."""
-    probe = make_env(args, args.seed)()
-    n_actions = int(probe.action_space.n)
-    probe.close()
-    return n_actions, default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)
-
-
-def seed_and_device(args: Args) -> torch.device:
-    """Seeds Python's, NumPy's and PyTorch's generators; the device: CUDA where there is one and --cuda."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-
-def check_memory(args: Args):
-    """Refuses a replay buffer that does not fit: numpy commits its pages only as they fill, so it would fail hours in."""
-    replay_bytes, free_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
-    print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
-          f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
-    if replay_bytes + HEADROOM_BYTES > free_bytes:
-        fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
-              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available; lower --buffer-size "
-              f"(each transition takes about 7 kB)"])
-
-
-class SnapshotEnv(gym.Wrapper):
-    """The outermost wrapper: `env.snapshot` is the whole env's state as bytes, and assigning it restores
-    that state, so a resumed run plays on exactly as if never stopped. (A property, so that a vector env
-    reaches it in its worker processes with get_attr and set_attr.)"""
-
-    reset_on_next_step = False  # set on resume where the env was due to autoreset when the checkpoint was written
-
-    def step(self, action):
-        if self.reset_on_next_step:  # what the vector env's autoreset would have done: the action is ignored
-            self.reset_on_next_step = False
-            obs, info = self.env.reset()
-            return obs, 0.0, False, False, info
-        return self.env.step(action)
-
-    @property
-    def snapshot(self) -> bytes:
-        layers, env = [], self.env
-        while env is not env.unwrapped:  # every wrapper's own state: frame stack, step counts, lives, returns, ...
-            state = {name: value for name, value in vars(env).items() if name != "env" and not callable(value)}
-            layers.append({} if isinstance(env, gym.wrappers.RecordVideo) else state)  # a clip being recorded is not resumed
-            env = env.env
-        game = env.clone_state(include_rng=True)  # the emulator, with its RNG
-        return pickle.dumps((layers, game, env.np_random.bit_generator.state, env.action_space.np_random.bit_generator.state))
-
-    @snapshot.setter
-    def snapshot(self, data: bytes):
-        layers, game, np_random, action_space_random = pickle.loads(data)
-        env = self.env
-        for layer in layers:
-            vars(env).update(layer)
-            env = env.env
-        env.restore_state(game)
-        env.np_random.bit_generator.state = np_random  # the no-op starts draw from it
-        env.action_space.np_random.bit_generator.state = action_space_random
-
-
-def leave_signals_to_main_process(thunk):
-    """Wraps an env thunk for a worker process: SIGINT, SIGTERM and SIGUSR1 are for the main process,
-    which checkpoints and then closes its workers."""
-    main_pid = os.getpid()
-
-    def worker_thunk():
-        if os.getpid() != main_pid:  # AsyncVectorEnv also calls a thunk in the main process, to read the spaces
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
-        return thunk()
-
-    return worker_thunk
-
-
-def effective_settings(args: Args, run_name: str, n_actions: int, me_coef: float, device: torch.device) -> dict:
-    """Every setting the run used, including those derived from the env and the machine."""
-    settings = {**dataclasses.asdict(args), **FIXED_SETTINGS}  # loss, optimizer, network; learning rate and eps as used
-    settings.update(
-        algo=ALGO,
-        run_name=run_name,
-        me_coef=me_coef,
-        me_coef_default=args.me_coef is None,
-        n_actions=n_actions,
-        life_loss="ends the training episode" if args.episodic_life else "does not end the episode",
-        replay_bytes=ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs),
-        device=str(device),
-        versions={"torch": torch.__version__, "gymnasium": gym.__version__, "ale_py": ale_py.__version__,
-                  "numpy": np.__version__},
-        command=" ".join(sys.argv),
-    )
-    return settings
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-def atomic_save(path: str, save):
-    """save(tmp) writes a temporary file, which is flushed to disk and then renamed over path: a process
-    killed at any moment leaves path holding either its previous content or the new one, never a torn file."""
-    tmp = path + ".tmp"
-    save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: str, data: dict):
-    def save(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-
-    atomic_save(path, save)
-
-
-def rng_states(device: torch.device) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-
-
-def set_rng_states(states: dict, device: torch.device):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-HEADROOM_BYTES = 10**9  # PyTorch, the networks, the envs: what a run needs besides its replay buffer
-EXIT_BAD_INPUT = 2  # a bad command line: nothing was written
-EXIT_NON_FINITE = 3  # the run diverged (a loss or Q-value not finite): the last good checkpoint is kept; do not requeue
-EXIT_REQUEUE = 75  # stopped by SIGTERM or SIGUSR1 after writing a checkpoint: run again with --resume (EX_TEMPFAIL)
-EXIT_INTERRUPTED = 130  # stopped by Ctrl-C after writing a checkpoint: run again with --resume (the shell's code for SIGINT)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each checkpoints the run and exits
-
-
-def fail(errors: list, code: int = EXIT_BAD_INPUT):
-    for message in errors:
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    """The command line. With --resume RUN_DIR (or --eval-model), the flags not given take the run's saved settings."""
+    return longrun.parse_args(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":

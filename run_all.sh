@@ -9,6 +9,8 @@ GAMES_CSV="$HERE/atari57.csv"
 EXIT_REQUEUE=75    # the scripts' exit code after a checkpoint on SIGTERM/SIGUSR1: resume, do not count as failed
 EXIT_INTERRUPTED=130  # the same after Ctrl-C (a run started by hand; run_all.sh itself sends SIGTERM)
 EXIT_NON_FINITE=3  # the scripts' exit code when a run diverged: failed, and named so in the summary
+EXIT_STORAGE=74    # the scripts' exit code when a write failed (disk full, quota, I/O): failed, not requeued, named so
+ELSEWHERE=73       # run_one's exit code for a run another process is running (its run directory is locked): not started
 
 usage() {
   cat <<EOF
@@ -85,18 +87,37 @@ python_cmd() {
 # One run (both backends): fresh, resumed or skipped; signals reach the Python process
 # ---------------------------------------------------------------------------
 
+lock_holder() {  # lock_holder RUN_DIR: prints who holds the run directory's lock and succeeds, or fails where none does
+  [ -f "$1/run.lock" ] || return 1
+  "$(python_cmd)" - "$1/run.lock" <<'PY' 2>/dev/null
+import fcntl, sys
+with open(sys.argv[1]) as f:
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: nobody runs it (shared: never blocks another reader)
+    except BlockingIOError:
+        print(f.read().strip() or "a process starting up")
+        sys.exit(0)
+    except OSError:  # no locks on this filesystem: say nothing, the scripts warn
+        pass
+sys.exit(1)
+PY
+}
+
 run_one() {  # run_one PLAN INDEX: the INDEX-th line (from 0) of PLAN is "NAME<TAB>SCRIPT<TAB>quoted flags"
   local plan=$1 index=$2 line name script flags
   line=$(sed -n "$((index + 1))p" "$plan")
   [ -n "$line" ] || die "no run $index in $plan"
   IFS=$'\t' read -r name script flags <<<"$line"
-  local dir="runs/$name" py
+  local dir="runs/$name" py holder
   py=$(python_cmd)
   eval "local args=($flags)"
-  if [ -f "$dir/final_eval.json" ]; then
+  if holder=$(lock_holder "$dir"); then  # before anything here is touched: the run is another process's
+    echo "run_all.sh: $name is running elsewhere ($holder): not started"
+    return "$ELSEWHERE"
+  elif [ -f "$dir/final_eval.json" ]; then
     echo "run_all.sh: $name is finished (runs/$name/final_eval.json): skipped"
     return 0
-  elif [ -f "$dir/checkpoint.pt" ]; then
+  elif [ -f "$dir/checkpoint.pt" ] || compgen -G "$dir/checkpoint_step*.pt" >/dev/null; then
     args+=(--resume "$dir")
   elif [ -e "$dir" ]; then  # stopped before its first checkpoint: nothing to resume, keep it aside
     mkdir -p runs/_batch/stale
@@ -112,6 +133,10 @@ run_one() {  # run_one PLAN INDEX: the INDEX-th line (from 0) of PLAN is "NAME<T
   wait "$child" || code=$?  # bash keeps the ended run's exit code for this
   trap - TERM USR1 INT
   echo "run_all.sh: $(date '+%F %T') end $name: exit code $code"
+  if [ "$code" = 2 ] && holder=$(lock_holder "$dir"); then  # it started as another process did: that one runs it
+    echo "run_all.sh: $name is running elsewhere ($holder): not started"
+    return "$ELSEWHERE"
+  fi
   if [ "$code" = "$EXIT_REQUEUE" ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
     echo "run_all.sh: requeueing array task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}: it resumes from its checkpoint"
     scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
@@ -314,7 +339,7 @@ while argv:
               "(pip install -r requirements.txt, or set PYTHON)", file=sys.stderr)
         sys.exit(3)
     try:
-        errors = script.check_args(script.parse_args(flags))
+        errors = importlib.import_module("longrun").check_args(script.parse_args(flags), script.EXPERIMENT)
     except SystemExit:  # the command line parser has printed what is wrong: once is enough
         print(f"error: variant {variant}: {' '.join(flags)}: not a valid command line for {algo}_atari_meanexp.py (above)",
               file=sys.stderr)
@@ -408,7 +433,7 @@ log "local: at most $parallel at a time, on ${gpus/none/CPU}, $OMP_NUM_THREADS C
 declare -A slot_of=() name_of=() command_of=()  # running: pid -> slot, run name, command
 free=()
 for ((s = 0; s < parallel; s++)); do free+=("$s"); done
-finished=() failed=() failed_commands=() stopped=()
+finished=() failed=() failed_commands=() stopped=() elsewhere=()
 interrupted=0
 
 stop_all() {  # a trap: it runs inside collect(), so its variable must be local not to overwrite collect's
@@ -425,8 +450,11 @@ collect() {  # waits for one run to end and records how it ended
   [ -n "${pid:-}" ] || return 0  # interrupted by a signal: nothing ended
   local name=${name_of[$pid]} why=""
   [ "$code" != "$EXIT_NON_FINITE" ] || why=", diverged"
+  [ "$code" != "$EXIT_STORAGE" ] || why=", a write failed: disk full, quota or I/O error (free room, then run again)"
   case $code in
     0) finished+=("$name") ;;
+    "$ELSEWHERE")
+       elsewhere+=("$name: $(grep -o 'running elsewhere (.*)' "runs/_batch/logs/$name.log" | tail -n 1 | sed 's/^running elsewhere //')") ;;
     "$EXIT_REQUEUE" | "$EXIT_INTERRUPTED")
        local at  # the run's last words: "signal SIGTERM: checkpoint at step 1,200 in ..."
        at=$(grep -o 'checkpoint at step [0-9,]*' "runs/_batch/logs/$name.log" | tail -n 1 || true)
@@ -460,10 +488,11 @@ for i in "${!todo[@]}"; do
 done
 while [ ${#name_of[@]} -gt 0 ]; do collect; done
 
-log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, ${#failed[@]} failed, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - ${#failed[@]} )) not started"
+log "summary: ${#plan_lines[@]} planned, $done_before skipped (finished before), ${#finished[@]} finished now, ${#stopped[@]} stopped with a checkpoint, ${#failed[@]} failed, ${#elsewhere[@]} running elsewhere, $(( ${#todo[@]} - ${#finished[@]} - ${#stopped[@]} - ${#failed[@]} - ${#elsewhere[@]} )) not started"
 for f in "${!failed[@]}"; do log "failed: ${failed[$f]}"; log "  command: ${failed_commands[$f]}"; done
 [ ${#failed[@]} -eq 0 ] || log "run this command again to retry the failed runs (each resumes from its last checkpoint: read its log first)"
 for s in "${stopped[@]}"; do log "stopped: $s"; done
+for e in "${elsewhere[@]}"; do log "running elsewhere, not started here: $e"; done
 if [ "$interrupted" = 1 ]; then exit 130; fi
 [ ${#failed[@]} -eq 0 ] || exit 1
 exit 0

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import dqn_atari_meanexp as dqn
 from conftest import ROOT
 
 TINY = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "400", "--learning-starts", "200", "--buffer-size", "1000",
@@ -59,3 +58,9 @@ def test_bad_models_are_refused_with_a_clear_message(trained):
                   code=2)
     assert "is not a network dqn_atari_meanexp.py saves with these settings" in network.stderr
     assert not any(p.name.endswith(".json") for p in (trained / "loose").iterdir())
+
+
+def test_eval_model_videos_hold_whole_games(trained):
+    run("dqn", trained, "--eval-model", "runs/d/dqn_atari_meanexp.cleanrl_model", "--seed", "5", "--capture-video")
+    # RecordVideo's schedule records games 1, 8, 27, ...; the reset that seeds the env plays no game and leaves no clip
+    assert sorted(os.listdir(trained / "runs/d/videos")) == ["rl-video-episode-1.mp4"]

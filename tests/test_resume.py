@@ -1,6 +1,7 @@
 """Long runs survive: exact resume after SIGTERM, kill -9 during a checkpoint write, divergence, and
 the pieces a checkpoint is made of (env snapshots, the replay buffer's state)."""
 
+import gzip
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import longrun
 import dqn_atari_meanexp as dqn
 from conftest import ROOT
 from test_replay_buffer import make_stamp_envs, run_into_buffer
@@ -143,7 +145,7 @@ def test_replay_state_round_trips_through_a_file(tmp_path, num_envs, slots, step
 
 def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    dqn.atomic_save(path, lambda tmp: torch.save({"step": 1}, tmp))
+    longrun.atomic_save(path, lambda tmp: torch.save({"step": 1}, tmp))
 
     def dies_halfway(tmp):
         with open(tmp, "wb") as f:
@@ -151,9 +153,9 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        dqn.atomic_save(path, dies_halfway)
+        longrun.atomic_save(path, dies_halfway)
     assert torch.load(path) == {"step": 1}
-    dqn.atomic_save(path, lambda tmp: torch.save({"step": 2}, tmp))  # a stale temporary file is simply replaced
+    longrun.atomic_save(path, lambda tmp: torch.save({"step": 2}, tmp))  # a stale temporary file is simply replaced
     assert torch.load(path) == {"step": 2} and not os.path.exists(path + ".tmp")
 
 
@@ -182,7 +184,7 @@ def test_a_stopped_then_resumed_run_equals_an_uninterrupted_run(tmp_path, algo, 
     run(algo, tmp_path, *flags, "--run-name", "straight")
     proc = start(algo, tmp_path, *flags, "--run-name", "cut")
     output = interrupt(proc, at_step=500, sig=sig)  # after learning started, between evaluations
-    assert proc.returncode == (dqn.EXIT_INTERRUPTED if sig == signal.SIGINT else dqn.EXIT_REQUEUE), output
+    assert proc.returncode == (longrun.EXIT_INTERRUPTED if sig == signal.SIGINT else longrun.EXIT_REQUEUE), output
     assert f"signal {sig.name}: checkpoint at step" in output and "--resume runs/cut" in output and "Traceback" not in output
     stopped_at = torch.load(tmp_path / "runs/cut/checkpoint.pt", weights_only=False, mmap=True)["global_step"]
     assert 500 <= stopped_at < 1200 and not (tmp_path / "runs/cut/final_eval.json").exists()
@@ -221,7 +223,7 @@ def test_a_signal_during_the_final_evaluation_exits_at_once_and_resume_finishes_
     flags = [*TINY, "--final-eval-episodes", "20", "--progress-interval", "0.001", "--run-name", "f"]
     proc = start("dqn", tmp_path, *flags)
     output = interrupt(proc, at_step=1200, sig=sig)  # the last progress line: the final evaluation follows
-    assert proc.returncode == (dqn.EXIT_INTERRUPTED if sig == signal.SIGINT else dqn.EXIT_REQUEUE), output
+    assert proc.returncode == (longrun.EXIT_INTERRUPTED if sig == signal.SIGINT else longrun.EXIT_REQUEUE), output
     assert f"signal {sig.name}: checkpoint at step 1,200" in output and "final evaluation:" not in output
     assert "it holds the whole training" in output
     assert not (tmp_path / "runs/f/final_eval.json").exists()
@@ -258,12 +260,12 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path)
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint(tmp_path):
     flags = [*TINY, "--env-id", "ALE/Pong-v5", "--learning-rate", "1e30", "--checkpoint-interval", "100", "--run-name", "nan"]
-    proc = run("dqn", tmp_path, *flags, code=dqn.EXIT_NON_FINITE)
+    proc = run("dqn", tmp_path, *flags, code=longrun.EXIT_NON_FINITE)
     assert "not finite appeared at step" in proc.stderr
     step = int(proc.stderr.split("appeared at step ")[1].split(";")[0].replace(",", ""))
     assert 200 < step <= 300  # the first updates (from step 204) blow up
     state = torch.load(tmp_path / "runs/nan/checkpoint.pt", map_location="cpu", weights_only=False)
-    assert state["global_step"] == 200 and f"of step 200, is kept in runs/nan/{dqn.CHECKPOINT}" in proc.stderr
+    assert state["global_step"] == 200 and f"of step 200, is kept in runs/nan/{longrun.CHECKPOINT}" in proc.stderr
     assert all(v.isfinite().all() for v in state["q_network"].values())
 
 
@@ -271,7 +273,7 @@ def test_without_the_buffer_a_resumed_run_refills_it_before_learning(tmp_path):
     flags = [*TINY, "--env-id", "ALE/Pong-v5", "--no-checkpoint-buffer", "--progress-interval", "0.001", "--run-name", "nb"]
     proc = start("dqn", tmp_path, *flags)
     output = interrupt(proc, at_step=500, sig=signal.SIGUSR1)  # SLURM's usual warning signal
-    assert "signal SIGUSR1: checkpoint at step" in output and proc.returncode == dqn.EXIT_REQUEUE
+    assert "signal SIGUSR1: checkpoint at step" in output and proc.returncode == longrun.EXIT_REQUEUE
     state = torch.load(tmp_path / "runs/nb/checkpoint.pt", weights_only=False)
     assert state["replay"] is None
     stopped_at, updates_then = state["global_step"], state["updates"]
@@ -307,7 +309,7 @@ def test_a_second_ctrl_c_while_the_checkpoint_is_written_still_leaves_a_loadable
             break
     output = proc.stdout.read()
     proc.wait(timeout=300)
-    assert proc.returncode == dqn.EXIT_INTERRUPTED and "Traceback" not in output, output
+    assert proc.returncode == longrun.EXIT_INTERRUPTED and "Traceback" not in output, output
     state = torch.load(tmp_path / "runs/c/checkpoint.pt", map_location="cpu", weights_only=False)
     assert 500 <= state["global_step"] < 1200 and not (tmp_path / "runs/c/checkpoint.pt.tmp").exists()
     assert "resumed runs/c at step" in run("dqn", tmp_path, "--resume", "runs/c").stdout
@@ -327,3 +329,28 @@ def test_a_run_extended_from_n_to_m_steps_equals_a_run_of_m_steps(tmp_path):
         assert logs_a[tag] == logs_b[tag], tag
     final_a, final_b = (json.loads((tmp_path / f"runs/{r}/final_eval.json").read_text()) for r in ("straight", "ext"))
     assert (final_a["scores"], final_a["total_steps"]) == (final_b["scores"], final_b["total_steps"])
+
+
+@pytest.mark.parametrize("algo,extra", [("dqn", []), ("iqn", SMALL_IQN)])
+def test_a_checkpoint_written_before_the_machinery_moved_to_longrun_py_still_resumes(tmp_path, algo, extra):
+    """Issue 23 moved the machinery into longrun.py. A run that the scripts as they were before (tests/data holds them,
+    gzipped) stopped with a checkpoint resumes with today's script and ends exactly as today's uninterrupted run."""
+    old = tmp_path / "before" / f"{algo}_atari_meanexp.py"
+    old.parent.mkdir()
+    with open(os.path.join(ROOT, "tests", "data", f"{algo}_atari_meanexp_d1f556d.py.gz"), "rb") as f:
+        old.write_bytes(gzip.decompress(f.read()))
+    flags = [*TINY, *extra, "--save-model", "--progress-interval", "0.001"]
+    proc = subprocess.Popen([sys.executable, "-u", str(old), *flags, "--run-name", "cut"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = interrupt(proc, at_step=500)
+    assert proc.returncode == longrun.EXIT_REQUEUE and "checkpoint at step" in output, output
+    stopped_at = torch.load(tmp_path / "runs/cut/checkpoint.pt", weights_only=False, mmap=True)["global_step"]
+    resumed = run(algo, tmp_path, "--resume", "runs/cut")
+    assert f"resumed runs/cut at step {stopped_at:,}" in resumed.stdout
+    run(algo, tmp_path, *flags, "--run-name", "straight")
+    a, b = (load_model(tmp_path / f"runs/{r}/{algo}_atari_meanexp.cleanrl_model") for r in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final_a, final_b = (json.loads((tmp_path / f"runs/{r}/final_eval.json").read_text()) for r in ("straight", "cut"))
+    assert final_a["scores"] == final_b["scores"] and final_a["overestimation"] == final_b["overestimation"]
+    config = json.loads((tmp_path / "runs/cut/config.json").read_text())  # the old run's config.json, one resume more
+    assert [r["step"] for r in config["resumes"]] == [stopped_at] and config["algo"] == algo

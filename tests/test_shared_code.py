@@ -1,5 +1,6 @@
-"""The two scripts stand alone, so they repeat the parts that do not depend on the algorithm:
-those parts must stay word for word the same, so that `diff` shows only the algorithm."""
+"""Each script holds its whole experiment, so the two repeat the parts that do not depend on the algorithm (the
+environment, the replay buffer, evaluation, the loop): those parts must stay word for word the same, so that `diff`
+shows only the algorithm. The long-run machinery is not repeated: it is one module, longrun.py."""
 
 import ast
 import difflib
@@ -11,14 +12,10 @@ from conftest import ROOT
 ALGORITHM = {"ALGO", "Args", "PAPER_OPTIMIZER_SETTINGS", "FIXED_SETTINGS", "algo_errors", "pfrl_init", "nature_convolutions",
              "QNetwork", "DuelingNetwork", "IQNNetwork", "make_network", "default_me_coef", "td_error_loss", "td_loss",
              "quantile_huber_loss", "iqn_loss", "update", "CenteredRMSprop", "make_optimizer"}
-SHARED = {"check_args", "available_memory_bytes", "make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffer",
-          "action_gap", "linear_schedule", "discounted_returns", "episode_statistics", "evaluate", "EVAL_STATISTICS",
-          "effective_settings", "format_duration", "crossed", "fail", "main", "RESUME_MAY_CHANGE", "CHECKPOINT", "read_config",
-          "parse_args", "check_resume", "SnapshotEnv", "leave_signals_to_main_process", "atomic_save", "write_json", "rng_states",
-          "set_rng_states", "HEADROOM_BYTES", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_REQUEUE", "EXIT_INTERRUPTED", "STOP_SIGNALS", "LoopState", "Parts", "train",
-          "act", "record_episodes", "learn", "log_training", "periodic_evaluation", "final_evaluation", "Run", "Progress", "FireAfterLifeLoss", "evaluate_saved_model", "start_tracking",
-          "final_statistics", "actions_and_coef", "seed_and_device",
-          "check_memory", "make_eval_env", "EVAL_LOGGED"}
+SHARED = {"make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffer", "action_gap", "linear_schedule",
+          "discounted_returns", "episode_statistics", "evaluate", "EVAL_STATISTICS", "crossed", "main", "LoopState", "Parts",
+          "train", "act", "record_episodes", "learn", "log_training", "periodic_evaluation", "final_evaluation",
+          "FireAfterLifeLoss", "final_statistics", "make_eval_env", "EVAL_LOGGED", "EXPERIMENT", "parse_args"}
 # shared flags whose default, type or text differ (PAPER.md): the optimizer's values, IQN's 200 final episodes, k's default
 ARGS_DIFFERENCES = {"exp_name", "learning_rate", "optimizer_eps", "final_eval_episodes", "me_coef"}
 DQN_ONLY_FLAGS = {"network", "loss", "optimizer", "rdq_penalty"}  # IQN has one network, loss and optimizer

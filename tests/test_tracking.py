@@ -9,6 +9,7 @@ import sys
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import longrun
 import dqn_atari_meanexp as dqn
 from conftest import ROOT
 
@@ -41,7 +42,7 @@ def test_track_offline_writes_a_local_wandb_run_holding_the_tensorboard_scalars(
 
 def test_a_failed_wandb_login_stops_the_run_before_anything_is_written(tmp_path):
     proc = run(tmp_path, *TINY, "--track", "--run-name", "t", env={"WANDB_MODE": "online", "WANDB_API_KEY": ""})
-    assert proc.returncode == dqn.EXIT_BAD_INPUT, proc.stdout + proc.stderr
+    assert proc.returncode == longrun.EXIT_BAD_INPUT, proc.stdout + proc.stderr
     assert "--track: wandb could not start" in proc.stderr and "WANDB_MODE=offline" in proc.stderr
     assert not (tmp_path / "runs" / "t").exists()
 
@@ -49,5 +50,5 @@ def test_a_failed_wandb_login_stops_the_run_before_anything_is_written(tmp_path)
 def test_track_without_wandb_installed_is_refused_with_the_install_command(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-    errors = dqn.check_args(dqn.Args(track=True))
+    errors = longrun.check_args(dqn.Args(track=True), dqn.EXPERIMENT)
     assert any("--track needs wandb: pip install -r requirements-track.txt" in e for e in errors), errors

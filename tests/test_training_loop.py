@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import longrun
 import dqn_atari_meanexp as dqn
 
 
@@ -34,7 +35,7 @@ def test_act_is_greedy_at_epsilon_0_and_uniform_at_epsilon_1():
 
 def test_the_eta_uses_the_recent_rate_not_the_whole_runs_average():
     args = dqn.Args(total_timesteps=1_000_000, progress_interval=30)
-    progress = dqn.Progress(args, step=0, now=0.0, window=10)
+    progress = longrun.Progress(args, step=0, now=0.0, window=10)
     state = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(0, 0))
     state.global_step = 50_000  # collecting before learning starts: fast
     assert progress.line(state, 30.0) is not None
@@ -44,7 +45,21 @@ def test_the_eta_uses_the_recent_rate_not_the_whole_runs_average():
         now += 30
         state.global_step += 140 * 30
         line = progress.line(state, now)
-    eta = dqn.format_duration((1_000_000 - state.global_step) / 140)  # the whole run's average would say half of it
+    eta = longrun.format_duration((1_000_000 - state.global_step) / 140)  # the whole run's average would say half of it
     assert "140 SPS recently" in line and f"ETA {eta}" in line, line
     state.global_step = 1_000_000
     assert progress.line(state, now + 1) is not None  # the end of training always gets a line
+
+
+def test_the_eta_waits_until_the_recent_window_holds_learning_steps_only():
+    """Steps before learning starts run several times faster: an ETA from them would promise hours for days."""
+    args = dqn.Args(total_timesteps=1_000_000, progress_interval=30)
+    progress = longrun.Progress(args, step=0, now=0.0, window=3)
+    state = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(50_000, 0))
+    lines = []
+    for i, step in enumerate((20_000, 40_000, 50_500, 51_000, 51_500, 52_000)):
+        state.global_step = step
+        lines.append(progress.line(state, 30.0 * (i + 1)))
+    assert all("ETA not known yet (learning starts at step 50,000)" in line for line in lines[:5]), lines
+    rate = (52_000 - 50_500) / 90  # the window: the lines at 50,500 (90 s earlier) to 52,000
+    assert f"ETA {longrun.format_duration((1_000_000 - 52_000) / rate)}" in lines[5], lines[5]

@@ -1,0 +1,178 @@
+"""Storage faults and shared run directories (issue 24), each on a real process: one process per run directory, a
+checkpoint write that fails, an unreadable checkpoint, and run_all.sh started twice on one plan."""
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dqn_atari_meanexp as dqn
+import longrun
+from conftest import ROOT
+
+TINY = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "1200", "--learning-starts", "200", "--buffer-size", "1000",
+        "--batch-size", "8", "--eval-interval", "300", "--eval-steps", "100", "--final-eval-episodes", "2",
+        "--max-episode-steps", "120", "--log-interval", "100", "--no-cuda", "--progress-interval", "0.001"]
+
+
+def script(*flags, cwd, limit=None):
+    """The DQN script as its own process; limit: the largest file it may write (RLIMIT_FSIZE), a disk that fills up."""
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "dqn_atari_meanexp.py"), *flags], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=set_limit if limit else None)
+
+
+def wait_for_line(proc, prefix):
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"the run ended without a line starting {prefix!r}: {proc.stderr.read()}")
+
+
+def listing(run_dir):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.iterdir()}
+
+
+def test_a_second_process_is_refused_while_the_first_finishes_its_run_unharmed(tmp_path):
+    first = script(*TINY, "--run-name", "r", cwd=tmp_path)
+    wait_for_line(first, "step ")  # training: the run directory is locked and holds its first checkpoint
+    run_dir = tmp_path / "runs" / "r"
+    before = listing(run_dir)
+    for flags in (["--resume", "runs/r"], [*TINY, "--run-name", "r"]):
+        second = script(*flags, cwd=tmp_path)
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 2, out + err
+        assert "Traceback" not in err
+        if "--resume" in flags:
+            assert f"runs/r is in use by another process (pid {first.pid} on {socket.gethostname()}, since" in err, err
+        else:
+            assert "run directory runs/r already exists" in err, err
+        now = listing(run_dir)
+        assert set(now) == set(before), set(now) ^ set(before)  # no new file (TensorBoard's, a .tmp, ...)
+        assert all(now[name] == before[name] for name in ("config.json", "run.lock"))
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert final["total_steps"] == 1200 and "resumes" not in config  # the refused resume is not recorded
+    assert len([p for p in run_dir.iterdir() if p.name.startswith("events.")]) == 1  # one writer of TensorBoard events
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_checkpoint_and_says_how_to_go_on(tmp_path):
+    """The checkpoints grow with the replay buffer: the file size limit lets the first through and stops a later one,
+    as a disk that fills up would (the kernel answers EFBIG instead of ENOSPC: the same failed write for torch)."""
+    flags = [*TINY, "--checkpoint-interval", "300", "--run-name", "full"]
+    proc = script(*flags, cwd=tmp_path, limit=32 * 10**6)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == longrun.EXIT_STORAGE, out + err
+    assert "Traceback" not in err and "writing the checkpoint of step" in err and "failed" in err
+    assert "the temporary file is removed and runs/full/checkpoint.pt still holds step" in err
+    assert "then continue with --resume runs/full" in err
+    run_dir = tmp_path / "runs" / "full"
+    assert not (run_dir / "checkpoint.pt.tmp").exists()
+    kept = torch.load(run_dir / "checkpoint.pt", weights_only=False, mmap=True)["global_step"]
+    assert f"still holds step {kept:,}" in err
+    resumed = script("--resume", "runs/full", cwd=tmp_path)  # room again: the run goes on from the kept checkpoint
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"resumed runs/full at step {kept:,}" in out
+
+
+def stopped_run(tmp_path, *flags):
+    """A run stopped by SIGTERM after step 700, with a checkpoint every 300 steps."""
+    proc = script(*TINY, "--checkpoint-interval", "300", "--run-name", "t", *flags, cwd=tmp_path)
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0].replace(",", "")) >= 700:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == longrun.EXIT_REQUEUE, out + err
+    return tmp_path / "runs" / "t"
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_truncated_checkpoint_is_named_and_an_older_one_takes_over(tmp_path):
+    run_dir = stopped_run(tmp_path, "--keep-checkpoints", "2")
+    newest = torch.load(run_dir / "checkpoint.pt", weights_only=False, mmap=True)["global_step"]
+    older = sorted(p.name for p in run_dir.glob("checkpoint_step*.pt"))
+    assert older == ["checkpoint_step600.pt"] and newest > 600
+    truncate(run_dir / "checkpoint.pt")
+    proc = script("--resume", "runs/t", cwd=tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    assert "runs/t/checkpoint.pt cannot be read: truncated or corrupted" in err
+    assert "resuming from the newest readable checkpoint, runs/t/checkpoint_step600.pt (step 600)" in err
+    assert "resumed runs/t at step 600" in out and (run_dir / "checkpoint.pt.unreadable").exists()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert [r["step"] for r in config["resumes"]] == [600]
+    assert json.loads((run_dir / "final_eval.json").read_text())["total_steps"] == 1200
+
+
+def test_a_truncated_checkpoint_with_nothing_older_gets_a_clear_error(tmp_path):
+    run_dir = stopped_run(tmp_path)  # --keep-checkpoints 1: only checkpoint.pt
+    assert not list(run_dir.glob("checkpoint_step*.pt"))
+    truncate(run_dir / "checkpoint.pt")
+    config_before = (run_dir / "config.json").read_text()
+    proc = script("--resume", "runs/t", cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, out + err
+    assert "runs/t/checkpoint.pt cannot be read: truncated or corrupted" in err
+    assert "no readable checkpoint is left" in err and "What remains: config.json" in err
+    assert (run_dir / "config.json").read_text() == config_before  # no resume recorded
+
+
+def test_a_filesystem_too_small_for_the_checkpoints_is_refused_before_anything_is_written(in_tmp, monkeypatch, capsys):
+    monkeypatch.setattr(longrun.shutil, "disk_usage", lambda path: longrun.shutil._ntuple_diskusage(10**9, 10**9, 10**6))
+    with pytest.raises(SystemExit) as stop:
+        dqn.main(dqn.parse_args(TINY))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "has 0.00 GB free, but this run's checkpoints need" in err and "--no-checkpoint-buffer makes one" in err
+    assert not os.path.exists("runs")
+
+
+def test_run_all_started_twice_on_one_plan_trains_each_run_once(tmp_path):
+    args = ["--algos", "dqn", "--games", "pong", "--seeds", "1-2", "--k", "0", "--max-parallel", "2", "--",
+            *TINY[2:], "--total-timesteps", "900"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    first = subprocess.Popen(["bash", os.path.join(ROOT, "run_all.sh"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    logs = [tmp_path / "runs" / "_batch" / "logs" / f"pong__dqn__s{s}.log" for s in (1, 2)]
+    deadline = time.time() + 300
+    while not all(p.exists() and "\nstep " in p.read_text() for p in logs):  # both runs train (and hold their locks)
+        assert time.time() < deadline and first.poll() is None, "the first batch did not start its runs"
+        time.sleep(0.2)
+    holders = [int((tmp_path / "runs" / f"pong__dqn__s{s}" / "run.lock").read_text().split()[1]) for s in (1, 2)]
+    for pid in holders:  # paused, so that they are still running however long the second batch takes to look
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), *args], cwd=tmp_path, capture_output=True,
+                                text=True, env=env, timeout=300)
+    finally:
+        for pid in holders:
+            os.kill(pid, signal.SIGCONT)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "0 finished now, 0 stopped with a checkpoint, 0 failed, 2 running elsewhere, 0 not started" in second.stdout
+    for s in (1, 2):
+        assert f"running elsewhere, not started here: pong__dqn__s{s}: (pid {holders[s - 1]} on " in second.stdout
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0 and "2 finished now" in output and "0 failed" in output, output
+    for s in (1, 2):
+        run_dir = tmp_path / "runs" / f"pong__dqn__s{s}"
+        config = json.loads((run_dir / "config.json").read_text())
+        assert "resumes" not in config and json.loads((run_dir / "final_eval.json").read_text())["total_steps"] == 900
+        assert len([p for p in run_dir.iterdir() if p.name.startswith("events.")]) == 1
