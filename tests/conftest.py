@@ -7,6 +7,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two tests at a time (pytest -n 2): one CPU thread each, here and in the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # processes they start; more threads than cores thrash
 
 
 @pytest.fixture
