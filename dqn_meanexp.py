@@ -47,7 +47,7 @@ class Args:  # the defaults are the authors' LunarLander experiment
     env_id: str = "LunarLander-v3"
     """a gymnasium id with a flat Box observation and Discrete actions (its own time limit applies)"""
     me_coef: float = 4.0
-    """the mean-expansion coefficient k (the authors' default here); 0 is plain DQN"""
+    """the mean-expansion coefficient k (the default of the authors' --mel-coeff here); 0 is plain DQN"""
     total_timesteps: int = 100_000
     """total agent steps"""
     learning_rate: float = 1e-3

@@ -11,7 +11,7 @@ their networks are stacked tensors with a leading member dimension, so one batch
 and one Adam over the stacked parameters is every member's own Adam (it is element-wise). Each worker uses one core.
 
 Then, as the authors' plot: AUC(k) = the mean over the evaluation points of the across-seed mean score, its 95%
-interval 1.96 x the standard error of the per-seed AUCs, drawn against k on a log axis with k = 0 as a line.
+interval 1.96 (norm.ppf(0.975)) x the standard error of the per-seed AUCs, drawn against k on a log axis with k = 0 as a line.
 """
 
 import dataclasses
@@ -33,6 +33,10 @@ import dqn_meanexp
 from benchmarks.gemm import gemm_gflops
 
 AUTHORS_KS = (0, 1, 4, 16, 32, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # plot_lunar_lander.py's
+CURVE_KS = (0, 16, 32, 256, 2048, 8192, 16384, 32768)  # the k whose score curves its figure draws (params_to_plot)
+Z_95 = 1.959963984540054  # the authors' 95% interval: norm.ppf(0.975) standard errors
+# flags that change no number of a member (the population never saves, films, tracks or uses CUDA): a part may differ
+NOT_RESULTS = ("exp_name", "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model")
 
 
 @dataclass
@@ -292,7 +296,8 @@ def run_part(args: SweepArgs) -> Optional[dict]:
                 continue
             with open(path) as f:
                 held = json.load(f)["config"]
-            if held != member_config(args.dqn, k, seed, held["n_actions"]):
+            wanted = member_config(args.dqn, k, seed, held["n_actions"])
+            if any(held.get(n) != wanted.get(n) for n in {*held, *wanted} - set(NOT_RESULTS)):
                 config_errors.append(f"{path} was trained with other flags than these")
     if config_errors:
         print("\n".join(f"error: {e}" for e in config_errors) + "\n(one folder per setting: choose another --out)",
@@ -304,6 +309,9 @@ def run_part(args: SweepArgs) -> Optional[dict]:
     workers = min(args.workers, len(todo))
     print(f"training {len(todo)} members in {workers} worker(s) into {args.out}; measuring the GEMM rate first")
     gemm_before = gemm_gflops()
+    # glibc's malloc raises its mmap threshold to each freed block's size, then serves the updates' temporaries from a
+    # heap that grows without bound (3-5 MB an update at 35 members); a fixed threshold keeps it flat, and is faster
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20))  # read by the spawned workers' malloc at start
     started = time.time()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(train_members, [args] * workers, [todo[w::workers] for w in range(workers)]))
@@ -328,13 +336,20 @@ def run_part(args: SweepArgs) -> Optional[dict]:
 
 def load_sweep(folder: str) -> dict:
     """{k: {seed: evaluation rows}} of every evaluations.json under folder (a sweep's, or single runs' runs/)."""
-    sweep, steps = {}, {}
+    sweep, steps, settings, errors = {}, {}, {}, []
     for path in sorted(glob.glob(os.path.join(folder, "**", "evaluations.json"), recursive=True)):
         with open(path) as f:
             data = json.load(f)
         config, rows = data["config"], data["evaluations"]
+        if config["seed"] in sweep.get(config["me_coef"], {}):
+            errors.append(f"{path}: k = {config['me_coef']:g}, seed {config['seed']} twice")
         sweep.setdefault(config["me_coef"], {})[config["seed"]] = rows
         steps[path] = [row["step"] for row in rows]
+        settings[path] = {n: v for n, v in config.items() if n not in (*NOT_RESULTS, "me_coef", "seed")}
+    if len({json.dumps(s, sort_keys=True) for s in settings.values()}) > 1:  # the same experiment but for k and seed
+        errors.append(f"the runs under {folder} were trained with different flags (besides k and seed)")
+    if errors:
+        sys.exit("error: " + "; ".join(errors))
     if len({tuple(s) for s in steps.values()}) > 1:  # the AUC averages over the points: they must be the same
         sys.exit(f"error: the runs under {folder} were evaluated at different steps: " +
                  "; ".join(f"{path}: {s[-1] if s else 'none'} last" for path, s in steps.items()))
@@ -351,7 +366,7 @@ def summarize_k(runs: dict) -> dict:
     last = [rows[-1] for rows in runs.values()]
     gaps = [row["action_gap"] for row in last if row["action_gap"] is not None]
     return {"seeds": len(runs), "auc": float(curves.mean(axis=0).mean()),
-            "ci": float(1.96 * seed_aucs.std(ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else float("nan"),
+            "ci": float(Z_95 * seed_aucs.std(ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else float("nan"),
             "final_score": float(curves[:, -1].mean()),
             "final_overestimation": float(np.mean([row["overestimation"] for row in last])),
             "final_normalized_overestimation": float(np.mean([row["normalized_overestimation"] for row in last])),
@@ -401,11 +416,11 @@ def plot(folder: str, figure_dir: str) -> dict:
     fig.savefig(os.path.join(figure_dir, "lunar_k_auc.png"), dpi=120)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k in [k for k in (0, 16, 256, 2048, 32768) if k in sweep] or list(sweep)[:5]:  # a few, as the authors' plot
+    for k in [k for k in CURVE_KS if k in sweep] or list(sweep)[:8]:  # the authors' choice
         curves = np.array([[row["mean"] for row in rows] for rows in sweep[k].values()])
         steps = [row["step"] for row in next(iter(sweep[k].values()))]
         mean = curves.mean(axis=0)
-        err = 1.96 * curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
+        err = Z_95 * curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
         ax.plot(steps, mean, label=f"k = {k:g}")
         ax.fill_between(steps, mean - err, mean + err, alpha=0.15)
     ax.set(xlabel="agent steps", ylabel="mean score of 100 greedy episodes", title="LunarLander-v3: score (95% intervals)")

@@ -86,12 +86,12 @@ def test_each_member_of_a_population_is_its_single_run(in_tmp):
             assert got["overestimation"] == pytest.approx(want["overestimation"], rel=1e-5, abs=1e-6)
 
 
-def write_run(folder, k, seed, scores, steps=(0, 10, 20), gap=0.5, over=1.0):
+def write_run(folder, k, seed, scores, steps=(0, 10, 20), gap=0.5, over=1.0, name=None, **flags):
     rows = [{"step": s, "mean": float(v), "overestimation": over, "normalized_overestimation": over / 2,
              "action_gap": None if s == 0 else gap} for s, v in zip(steps, scores)]
-    os.makedirs(os.path.join(folder, f"k{k}_s{seed}"))
-    with open(os.path.join(folder, f"k{k}_s{seed}", "evaluations.json"), "w") as f:
-        json.dump({"config": {"me_coef": float(k), "seed": seed}, "evaluations": rows}, f)
+    os.makedirs(os.path.join(folder, name or f"k{k}_s{seed}"))
+    with open(os.path.join(folder, name or f"k{k}_s{seed}", "evaluations.json"), "w") as f:
+        json.dump({"config": {"me_coef": float(k), "seed": seed, **flags}, "evaluations": rows}, f)
 
 
 def test_auc_and_its_interval_are_the_authors_on_hand_made_curves(tmp_path):
@@ -100,7 +100,7 @@ def test_auc_and_its_interval_are_the_authors_on_hand_made_curves(tmp_path):
     write_run(tmp_path, 4, 1, [0, 10, 20], gap=2.0, over=-1.0)
     table = sweep.plot(str(tmp_path), str(tmp_path / "figures"))
     # k = 0: across-seed means 2, 3, 4 -> AUC 3; per-seed AUCs 2 and 4: std (ddof 1) sqrt(2), SE 1 -> interval 1.96
-    assert table[0.0]["auc"] == pytest.approx(3.0) and table[0.0]["ci"] == pytest.approx(1.96)
+    assert table[0.0]["auc"] == pytest.approx(3.0) and table[0.0]["ci"] == pytest.approx(1.959963984540054, abs=1e-12)
     assert table[0.0]["final_score"] == 4.0 and table[0.0]["final_action_gap"] == 0.5
     assert table[4.0]["auc"] == pytest.approx(10.0) and np.isnan(table[4.0]["ci"])  # one seed: no interval
     assert table[4.0]["final_overestimation"] == -1.0 and table[4.0]["final_normalized_overestimation"] == -0.5
@@ -116,6 +116,19 @@ def test_runs_evaluated_at_other_steps_are_not_averaged_together(tmp_path):
         sweep.load_sweep(str(tmp_path))
 
 
+def test_a_folder_with_a_member_twice_or_two_settings_is_refused(tmp_path):
+    write_run(tmp_path / "twice", 0, 1, [1, 2, 3])
+    write_run(tmp_path / "twice", 0, 1, [3, 4, 5], name="again")  # the same k and seed run again, say under runs/
+    with pytest.raises(SystemExit, match="k = 0, seed 1 twice"):
+        sweep.load_sweep(str(tmp_path / "twice"))
+    write_run(tmp_path / "mixed", 0, 1, [1, 2, 3], gamma=0.99, exp_name="a")
+    write_run(tmp_path / "mixed", 4, 1, [1, 2, 3], gamma=0.99, exp_name="b")  # another name changes no number
+    assert set(sweep.load_sweep(str(tmp_path / "mixed"))) == {0.0, 4.0}
+    write_run(tmp_path / "mixed", 16, 1, [1, 2, 3], gamma=0.9)
+    with pytest.raises(SystemExit, match="trained with different flags"):
+        sweep.load_sweep(str(tmp_path / "mixed"))
+
+
 def run_sweep(out, *flags):
     tiny = ["--dqn.total-timesteps", "400", "--dqn.learning-starts", "200", "--dqn.eval-interval", "200",
             "--dqn.eval-episodes", "1", "--no-compile"]
@@ -128,7 +141,7 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     first = run_sweep(out, "--ks", "0", "--seeds", "1", "2")
     assert first.returncode == 0, first.stderr
     assert "training 2 members in 2 worker(s)" in first.stdout
-    second = run_sweep(out, "--ks", "0", "4", "--seeds", "1", "2", "--workers", "1")
+    second = run_sweep(out, "--ks", "0", "4", "--seeds", "1", "2", "--workers", "1", "--dqn.exp-name", "renamed")
     assert second.returncode == 0, second.stderr
     assert "training 2 members in 1 worker(s)" in second.stdout  # k = 0 was there already
     assert sorted(os.listdir(out / "runs")) == ["k0__seed1", "k0__seed2", "k4__seed1", "k4__seed2"]
@@ -139,7 +152,8 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     assert record["members"] == [[4.0, 1], [4.0, 2]] and record["workers"] == 1
     assert record["flop"] == 2 * 201 * 3 * 2 * 128 * (8 * 256 + 256 * 256 + 256 * 4)  # 2 members, updates at 200..400
     assert record["ratio_to_floor"] == pytest.approx(record["wall_seconds"] / record["floor_seconds"])
-    assert record["gemm_gflops_before"] > 0 and set(record["workers_detail"][0]["phases"]) == {"act", "env", "update", "evaluate"}
+    assert record["gemm_gflops_before"] > 0
+    assert set(record["workers_detail"][0]["phases"]) == {"act", "env", "update", "evaluate"}
     assert "| 4 | 2 |" in (out / "table.md").read_text() and (out / "lunar_k_auc.png").exists()
     before = sorted(os.listdir(out / "runs"))
     mixed = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(out), "--ks", "0",
