@@ -799,9 +799,9 @@ def periodic_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState
 def final_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState):
     """The best network (the last one without periodic evaluations) plays --final-eval-episodes games: final_eval.json."""
     if args.save_model:
-        torch.save(p.q_network.state_dict(), os.path.join(run.dir, f"{args.exp_name}.cleanrl_model"))
+        run.save_network(f"{args.exp_name}.cleanrl_model", p.q_network.state_dict())
         if state.best_state is not None:
-            torch.save(state.best_state, os.path.join(run.dir, f"{args.exp_name}_best.cleanrl_model"))
+            run.save_network(f"{args.exp_name}_best.cleanrl_model", state.best_state)
     use_best = state.best_state is not None
     if use_best:
         p.q_network.load_state_dict(state.best_state)

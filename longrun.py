@@ -11,15 +11,18 @@ import dataclasses
 import difflib
 import fcntl
 import importlib.util
+import itertools
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -107,53 +110,64 @@ LOCK = "run.lock"  # in the run directory: locked by the one process that runs i
 
 def older_checkpoints(run_dir: str) -> list:
     """The file names of the run's older checkpoints (--keep-checkpoints), the newest first."""
-    names = [n for n in os.listdir(run_dir) if n.startswith("checkpoint_step") and n.endswith(".pt")]
-    return sorted(names, key=lambda n: int(n[len("checkpoint_step"):-len(".pt")]), reverse=True)
+    steps = [int(m.group(1)) for m in map(re.compile(r"^checkpoint_step(\d+)\.pt$").match, os.listdir(run_dir)) if m]
+    return [OLDER_CHECKPOINT.format(step=step) for step in sorted(steps, reverse=True)]
 
 
-def lock_run_dir(run_dir: str):
+def lock_run_dir(run_dir: str, wait_seconds: float = 2.0):
     """Locks the run directory for this process's whole life (flock: the kernel lets go when the process ends, kill -9
-    included). Where another process holds it: exits with code 2, naming it as the lock file does. Returns the open
-    lock file, which must stay open; name_holder() writes this process into it once the run writes anything."""
+    included) and writes this process into the lock file. Where another process still holds it after wait_seconds (a
+    requeued job may start while the old process is ending): exits with code 2, naming it. Returns the open lock file,
+    which must stay open."""
     lock = open(os.path.join(run_dir, LOCK), "a+")  # creates it where missing (a run from before the lock)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "a process that has not written its name yet"
-        fail([f"{run_dir} is in use by another process ({holder}): one process per run directory. Let it finish, or "
-              f"stop it (it checkpoints on SIGTERM), then --resume {run_dir}; nothing was written"])
-    except OSError as e:  # a filesystem without flock: NFS with local_lock=none, Lustre mounted without -o flock
-        print(f"warning: {run_dir}: this filesystem does not lock files ({e}): nothing keeps a second process out of "
-              "this run directory (docs/long-runs.md, 'One process per run')", file=sys.stderr)
-    return lock
-
-
-def name_holder(lock):
-    """Writes who holds the lock (pid, host, start time) into the lock file, for a process that finds it taken."""
-    lock.seek(0)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that has not written its name yet"
+            fail([f"{run_dir} is in use by another process ({holder}): one process per run directory. Let it finish, "
+                  f"or stop it (it checkpoints on SIGTERM), then --resume {run_dir}; nothing was written"])
+        except OSError as e:  # a filesystem without flock: NFS with local_lock=none, Lustre mounted without -o flock
+            print(f"warning: {run_dir}: this filesystem does not lock files ({e}): nothing keeps a second process out "
+                  "of this run directory (docs/long-runs.md, 'One process per run')", file=sys.stderr)
+            return lock
+    lock.seek(0)  # who holds it, for a process that finds it taken
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
     lock.flush()
+    HELD_LOCKS.add(lock)  # forked env workers close their copy (leave_signals_to_main_process)
+    return lock
 
 
 def load_newest_checkpoint(run_dir: str) -> dict:
     """The newest checkpoint that can be read: checkpoint.pt, else the older ones --keep-checkpoints kept, newest first.
     An unreadable one (truncated, corrupted) is named and set aside as NAME.unreadable; none readable: exits with code 2."""
     unreadable = []  # (path, what is wrong)
+    if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # only a kill between two renames of an old version
+        print(f"warning: {run_dir} has no {CHECKPOINT}: trying the older checkpoints", file=sys.stderr)
     for name in [CHECKPOINT] * os.path.exists(os.path.join(run_dir, CHECKPOINT)) + older_checkpoints(run_dir):
         path = os.path.join(run_dir, name)
         try:
             saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
             if not (isinstance(saved, dict) and "global_step" in saved):
                 raise ValueError("not a checkpoint of these scripts")
-        except Exception as e:  # torch says "failed finding central directory", "invalid header", ...
+        except OSError as e:  # the file is there but cannot be read now (permissions, I/O): not its content's fault
+            fail([f"{path} cannot be opened ({e}); nothing was changed: fix the access, then --resume {run_dir} again"],
+                 EXIT_STORAGE)
+        except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # "failed finding central directory", ...
             unreadable.append((path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
             continue
-        for bad, why in unreadable:
-            print(f"warning: {bad} cannot be read: truncated or corrupted ({why}); set aside as {bad}.unreadable",
-                  file=sys.stderr)
-            os.replace(bad, bad + ".unreadable")  # keeps the evidence, and frees the name for the next checkpoint
+        for bad, why in unreadable:  # only once a readable one is found: a failed resume renames nothing
+            names = (f"{bad}.unreadable{n or ''}" for n in itertools.count())  # .unreadable, .unreadable1, ...
+            aside = next(name for name in names if not os.path.exists(name))
+            print(f"warning: {bad} cannot be read: truncated or corrupted ({why}); set aside as {aside}", file=sys.stderr)
+            os.replace(bad, aside)  # keeps the evidence, and frees the name for the next checkpoint
         if unreadable:
             print(f"warning: resuming from the newest readable checkpoint, {path} (step {saved['global_step']:,}): the "
                   "steps after it are trained again", file=sys.stderr)
@@ -269,6 +283,7 @@ class Run:
         else:
             self.dir, run_name = args.resume, args.run_name
         self.checkpoint_path = os.path.join(self.dir, CHECKPOINT)
+        self.checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
         self.checkpoint_bytes = check_disk(args, x, self.dir, self.n_actions, self.me_coef)
         self.device = seed_and_device(args)
 
@@ -297,16 +312,12 @@ class Run:
             except FileExistsError:  # another process took this --run-name since the check above
                 fail([f"run directory {self.dir} already exists; choose another --run-name (nothing was overwritten)"])
             self.lock = lock_run_dir(self.dir)
-            name_holder(self.lock)
             self.write_config()
-        else:
-            name_holder(self.lock)  # every check passed: from here on the run writes
         # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
         self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
         if resumed is None:
             table = "\n".join(f"|{k}|{v}|" for k, v in settings.items())
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        self.checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
         self.checkpoint_due = False
 
     def write_config(self):
@@ -356,7 +367,10 @@ class Run:
     def checkpoint(self, state, p):
         """Writes everything the loop needs to go on exactly as if it had never stopped."""
         self.check_finite(state, p)
-        self.writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
+        try:
+            self.writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
+        except OSError as e:
+            self.fail_storage(f"writing the TensorBoard events of step {state.global_step:,} failed ({e})")
         saved = {"algo": self.x.algo, **vars(state), "q_network": p.q_network.state_dict(),
                  "target_network": p.target_network.state_dict(), "optimizer": p.optimizer.state_dict(),
                  "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot, "rng": rng_states(self.device),
@@ -373,7 +387,19 @@ class Run:
                               f"temporary file is removed and {kept}")
         self.checkpoint_step = state.global_step
         for name in older_checkpoints(self.dir)[self.args.keep_checkpoints - 1:]:  # the newest first: keep N in all
-            os.remove(os.path.join(self.dir, name))
+            try:
+                os.remove(os.path.join(self.dir, name))
+            except OSError as e:  # the new checkpoint is written: an old one left over costs room, not the run
+                print(f"warning: could not remove {name} ({e}); the run goes on", file=sys.stderr)
+
+    def save_network(self, name: str, state_dict: dict):
+        """--save-model: the network's weights as run_dir/name, written as the checkpoints are."""
+        path = os.path.join(self.dir, name)
+        try:
+            atomic_save(path, lambda tmp: torch.save(state_dict, tmp))
+        except StorageError as e:
+            self.fail_storage(f"writing {path} failed ({e.__cause__}); the checkpoint holds the whole run, so --resume "
+                              "saves it again")
 
     def checkpoint_when_due(self, before: int, state, p):
         """Every --checkpoint-interval steps, and on SIGTERM/SIGUSR1 (then exits for a requeue)."""
@@ -400,14 +426,18 @@ class Run:
         code of its own, which run_all.sh reports as failed and SLURM does not requeue (the disk will not free itself)."""
         need = f"{self.checkpoint_bytes / 1e9:.2f} GB"
         self.release()
+        go_on = (f"continue with --resume {self.dir}" if self.checkpoint_step is not None else
+                 f"start the run again (it wrote no checkpoint: remove {self.dir} first, or choose another --run-name)")
         fail([f"{what}. The next checkpoint needs about {need} free beside the ones kept ({self.dir}; free room, or "
-              f"lower --keep-checkpoints, or use --no-checkpoint-buffer), then continue with --resume {self.dir}"],
-             EXIT_STORAGE)
+              f"lower --keep-checkpoints, or use --no-checkpoint-buffer), then {go_on}"], EXIT_STORAGE)
 
     def release(self):
         """Closes the logs and lets go of the run directory (the process is about to end, or a test goes on)."""
         if hasattr(self, "writer"):
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:  # on the way out anyway (a full disk): the checkpoint is what counts
+                print(f"warning: closing the TensorBoard log failed ({e})", file=sys.stderr)
         if self.lock is not None:
             self.lock.close()  # closing the file drops its flock
 
@@ -523,8 +553,11 @@ def evaluate_saved_model(args, x: Experiment):
                       max_episodes=args.final_eval_episodes)
     env.close()
     stats = x.final_statistics(result)
-    write_json(out, {"algo": x.algo, "model": path, "env_id": args.env_id, "seed": args.seed, "epsilon": args.eval_epsilon,
-                     **stats})
+    try:
+        write_json(out, {"algo": x.algo, "model": path, "env_id": args.env_id, "seed": args.seed,
+                         "epsilon": args.eval_epsilon, **stats})
+    except StorageError as e:
+        fail([f"writing {out} failed ({e.__cause__}); the evaluation's mean was {stats['mean']:.1f}"], EXIT_STORAGE)
     print(f"evaluation of {path}: mean {stats['mean']:.1f}, median {stats['median']:.1f} over {stats['episodes']} episodes, "
           f"overestimation {stats['overestimation']} -> {out}")
 
@@ -597,7 +630,7 @@ def check_disk(args, x: Experiment, run_dir: str, n_actions: int, me_coef: float
     if there == run_dir:
         held = sum(os.path.getsize(os.path.join(run_dir, n)) for n in [CHECKPOINT, *older_checkpoints(run_dir)]
                    if os.path.isfile(os.path.join(run_dir, n)))
-    need, free = (args.keep_checkpoints + 1) * one - held, shutil.disk_usage(there).free
+    need, free = max(one, (args.keep_checkpoints + 1) * one - held), shutil.disk_usage(there).free  # at least the next
     print(f"checkpoints: {one / 1e9:.2f} GB each, {args.keep_checkpoints} kept; {free / 1e9:.2f} GB free where they go")
     if need > free:
         lighter = 5 * weights + CHECKPOINT_EXTRA_BYTES
@@ -654,6 +687,8 @@ def leave_signals_to_main_process(thunk):
         if os.getpid() != main_pid:  # AsyncVectorEnv also calls a thunk in the main process, to read the spaces
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_IGN)
+            for lock in HELD_LOCKS:  # a forked worker's copy of the run's lock: the lock must end with the main process
+                lock.close()
         return thunk()
 
     return worker_thunk
@@ -703,15 +738,17 @@ def atomic_save(path: str, save, keep_previous_as: Optional[str] = None):
         save(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if keep_previous_as is not None and os.path.exists(path):
+            if os.path.exists(keep_previous_as):  # a kill between the link and the rename below left it: the same file
+                os.remove(keep_previous_as)
+            os.link(path, keep_previous_as)  # a second name, then the rename: path is never missing, not for an instant
+        os.replace(tmp, path)
     except Exception as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         if is_storage_error(e):
             raise StorageError(str(e)) from e
         raise
-    if keep_previous_as is not None and os.path.exists(path):
-        os.replace(path, keep_previous_as)
-    os.replace(tmp, path)
 
 
 def write_json(path: str, data: dict):
@@ -743,6 +780,7 @@ EXIT_REQUEUE = 75  # stopped by SIGTERM or SIGUSR1 after writing a checkpoint: r
 EXIT_STORAGE = 74  # a write failed (no space, quota, I/O): the last checkpoint is kept; free room, then --resume (EX_IOERR)
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C after writing a checkpoint: run again with --resume (the shell's code for SIGINT)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each checkpoints the run and exits
+HELD_LOCKS = weakref.WeakSet()  # the run directories' lock files this process has open (lock_run_dir)
 
 
 def fail(errors: list, code: int = EXIT_BAD_INPUT):

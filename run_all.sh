@@ -454,7 +454,7 @@ collect() {  # waits for one run to end and records how it ended
   case $code in
     0) finished+=("$name") ;;
     "$ELSEWHERE")
-       elsewhere+=("$name: $(grep -o 'running elsewhere (.*)' "runs/_batch/logs/$name.log" | tail -n 1 | sed 's/^running elsewhere //')") ;;
+       elsewhere+=("$name: $({ grep -o 'running elsewhere (.*)' "runs/_batch/logs/$name.log" || true; } | tail -n 1 | sed 's/^running elsewhere //')") ;;
     "$EXIT_REQUEUE" | "$EXIT_INTERRUPTED")
        local at  # the run's last words: "signal SIGTERM: checkpoint at step 1,200 in ..."
        at=$(grep -o 'checkpoint at step [0-9,]*' "runs/_batch/logs/$name.log" | tail -n 1 || true)

@@ -1,6 +1,7 @@
 """Storage faults and shared run directories (issue 24), each on a real process: one process per run directory, a
 checkpoint write that fails, an unreadable checkpoint, and run_all.sh started twice on one plan."""
 
+import fcntl
 import json
 import os
 import resource
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -46,11 +48,16 @@ def listing(run_dir):
 def test_a_second_process_is_refused_while_the_first_finishes_its_run_unharmed(tmp_path):
     first = script(*TINY, "--run-name", "r", cwd=tmp_path)
     wait_for_line(first, "step ")  # training: the run directory is locked and holds its first checkpoint
+    first.send_signal(signal.SIGSTOP)  # paused, so that it still runs however long the second takes to look
     run_dir = tmp_path / "runs" / "r"
     before = listing(run_dir)
     for flags in (["--resume", "runs/r"], [*TINY, "--run-name", "r"]):
         second = script(*flags, cwd=tmp_path)
-        out, err = second.communicate(timeout=300)
+        try:
+            out, err = second.communicate(timeout=300)
+        except BaseException:
+            first.send_signal(signal.SIGCONT)
+            raise
         assert second.returncode == 2, out + err
         assert "Traceback" not in err
         if "--resume" in flags:
@@ -60,6 +67,7 @@ def test_a_second_process_is_refused_while_the_first_finishes_its_run_unharmed(t
         now = listing(run_dir)
         assert set(now) == set(before), set(now) ^ set(before)  # no new file (TensorBoard's, a .tmp, ...)
         assert all(now[name] == before[name] for name in ("config.json", "run.lock"))
+    first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     final = json.loads((run_dir / "final_eval.json").read_text())
@@ -88,15 +96,13 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_checkpoint_and_says_ho
     assert f"resumed runs/full at step {kept:,}" in out
 
 
-def stopped_run(tmp_path, *flags):
-    """A run stopped by SIGTERM after step 700, with a checkpoint every 300 steps."""
-    proc = script(*TINY, "--checkpoint-interval", "300", "--run-name", "t", *flags, cwd=tmp_path)
-    for line in proc.stdout:
-        if line.startswith("step ") and int(line.split()[1].split("/")[0].replace(",", "")) >= 700:
-            proc.send_signal(signal.SIGTERM)
-            break
+def short_run(tmp_path, *flags):
+    """A run of 700 steps, with a checkpoint every 300 steps and one at the end (step 700), which --resume with
+    --total-timesteps 1200 extends."""
+    proc = script(*TINY, "--total-timesteps", "700", "--checkpoint-interval", "300", "--run-name", "t", *flags,
+                  cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == longrun.EXIT_REQUEUE, out + err
+    assert proc.returncode == 0, out + err
     return tmp_path / "runs" / "t"
 
 
@@ -106,33 +112,37 @@ def truncate(path):
 
 
 def test_a_truncated_checkpoint_is_named_and_an_older_one_takes_over(tmp_path):
-    run_dir = stopped_run(tmp_path, "--keep-checkpoints", "2")
+    run_dir = short_run(tmp_path, "--keep-checkpoints", "2")
     newest = torch.load(run_dir / "checkpoint.pt", weights_only=False, mmap=True)["global_step"]
     older = sorted(p.name for p in run_dir.glob("checkpoint_step*.pt"))
-    assert older == ["checkpoint_step600.pt"] and newest > 600
+    assert older == ["checkpoint_step600.pt"] and newest == 700
     truncate(run_dir / "checkpoint.pt")
-    proc = script("--resume", "runs/t", cwd=tmp_path)
+    (run_dir / "checkpoint.pt.unreadable").write_text("set aside by an earlier resume")  # is kept: a new name is found
+    proc = script("--resume", "runs/t", "--total-timesteps", "1200", cwd=tmp_path)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
     assert "runs/t/checkpoint.pt cannot be read: truncated or corrupted" in err
     assert "resuming from the newest readable checkpoint, runs/t/checkpoint_step600.pt (step 600)" in err
-    assert "resumed runs/t at step 600" in out and (run_dir / "checkpoint.pt.unreadable").exists()
+    assert "set aside as runs/t/checkpoint.pt.unreadable1" in err
+    assert "resumed runs/t at step 600" in out and (run_dir / "checkpoint.pt.unreadable1").exists()
+    assert (run_dir / "checkpoint.pt.unreadable").read_text() == "set aside by an earlier resume"
     config = json.loads((run_dir / "config.json").read_text())
     assert [r["step"] for r in config["resumes"]] == [600]
     assert json.loads((run_dir / "final_eval.json").read_text())["total_steps"] == 1200
 
 
 def test_a_truncated_checkpoint_with_nothing_older_gets_a_clear_error(tmp_path):
-    run_dir = stopped_run(tmp_path)  # --keep-checkpoints 1: only checkpoint.pt
+    run_dir = short_run(tmp_path)  # --keep-checkpoints 1: only checkpoint.pt
     assert not list(run_dir.glob("checkpoint_step*.pt"))
     truncate(run_dir / "checkpoint.pt")
     config_before = (run_dir / "config.json").read_text()
-    proc = script("--resume", "runs/t", cwd=tmp_path)
+    proc = script("--resume", "runs/t", "--total-timesteps", "1200", cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "Traceback" not in err, out + err
     assert "runs/t/checkpoint.pt cannot be read: truncated or corrupted" in err
     assert "no readable checkpoint is left" in err and "What remains: config.json" in err
     assert (run_dir / "config.json").read_text() == config_before  # no resume recorded
+    assert (run_dir / "checkpoint.pt").exists() and not list(run_dir.glob("*.unreadable*"))  # a failed resume renames nothing
 
 
 def test_a_filesystem_too_small_for_the_checkpoints_is_refused_before_anything_is_written(in_tmp, monkeypatch, capsys):
@@ -159,6 +169,9 @@ def test_run_all_started_twice_on_one_plan_trains_each_run_once(tmp_path):
     holders = [int((tmp_path / "runs" / f"pong__dqn__s{s}" / "run.lock").read_text().split()[1]) for s in (1, 2)]
     for pid in holders:  # paused, so that they are still running however long the second batch takes to look
         os.kill(pid, signal.SIGSTOP)
+    for s in (1, 2):  # and still holding their run directories (not finished in the instant before the pause)
+        with open(tmp_path / "runs" / f"pong__dqn__s{s}" / "run.lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         second = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), *args], cwd=tmp_path, capture_output=True,
                                 text=True, env=env, timeout=300)
@@ -176,3 +189,64 @@ def test_run_all_started_twice_on_one_plan_trains_each_run_once(tmp_path):
         config = json.loads((run_dir / "config.json").read_text())
         assert "resumes" not in config and json.loads((run_dir / "final_eval.json").read_text())["total_steps"] == 900
         assert len([p for p in run_dir.iterdir() if p.name.startswith("events.")]) == 1
+
+
+def test_a_resume_refused_after_taking_the_lock_records_nothing(in_tmp, monkeypatch, capsys):
+    """The disk check runs after the run directory is locked: config.json must not yet record a resume."""
+    dqn.main(dqn.parse_args([*TINY, "--total-timesteps", "300", "--run-name", "r"]))
+    config_before = open("runs/r/config.json", "rb").read()
+    monkeypatch.setattr(longrun.shutil, "disk_usage", lambda path: longrun.shutil._ntuple_diskusage(10**9, 10**9, 10**6))
+    with pytest.raises(SystemExit) as stop:
+        dqn.main(dqn.parse_args(["--resume", "runs/r", "--total-timesteps", "600"]))
+    assert stop.value.code == 2 and "has 0.00 GB free" in capsys.readouterr().err
+    assert open("runs/r/config.json", "rb").read() == config_before
+
+
+def test_the_lock_waits_for_a_holder_that_is_ending_and_names_its_new_holder(tmp_path):
+    other = open(tmp_path / longrun.LOCK, "a+")  # another open file: flock conflicts even within one process
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.5, other.close).start()  # a requeued job's old process, ending
+    lock = longrun.lock_run_dir(str(tmp_path))
+    assert (tmp_path / longrun.LOCK).read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()}, since ")
+    lock.close()
+
+
+def test_env_workers_do_not_hold_the_run_lock(tmp_path):
+    """AsyncVectorEnv forks its workers after the lock is taken: they close their copy, so that the lock ends with
+    the main process (a kill -9 of it frees the run directory even while a worker lingers)."""
+    lock = longrun.lock_run_dir(str(tmp_path))
+    envs = dqn.make_train_envs(dqn.Args(env_id="ALE/Pong-v5", num_envs=2), run_dir="")
+    envs.reset(seed=0)
+    assert all(process.is_alive() for process in envs.processes)
+    lock.close()
+    try:
+        with open(tmp_path / longrun.LOCK) as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError where a worker still held it
+    finally:
+        envs.close()
+
+
+def test_older_checkpoints_are_the_numbered_ones_newest_first(tmp_path):
+    for name in ("checkpoint_step12.pt", "checkpoint_step3.pt", "checkpoint_step5.pt.tmp", "checkpoint_stepX.pt",
+                 "checkpoint_step7.pt.unreadable", "checkpoint.pt"):
+        (tmp_path / name).write_text("")
+    assert longrun.older_checkpoints(str(tmp_path)) == ["checkpoint_step12.pt", "checkpoint_step3.pt"]
+
+
+def test_atomic_save_keeps_the_previous_file_under_a_second_name(tmp_path):
+    path, older = str(tmp_path / "checkpoint.pt"), str(tmp_path / "checkpoint_step1.pt")
+    longrun.atomic_save(path, lambda tmp: torch.save({"step": 1}, tmp))
+    with open(older, "w") as f:
+        f.write("left by a process killed between the link and the rename")
+    longrun.atomic_save(path, lambda tmp: torch.save({"step": 2}, tmp), keep_previous_as=older)
+    assert torch.load(path) == {"step": 2} and torch.load(older) == {"step": 1}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint_step1.pt"]
+
+
+def test_a_new_run_that_cannot_write_its_config_says_to_start_again(tmp_path):
+    proc = script(*TINY, "--run-name", "c", cwd=tmp_path, limit=1000)  # run.lock fits; config.json (kB) does not
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == longrun.EXIT_STORAGE and "Traceback" not in err, out + err
+    assert "writing runs/c/config.json failed" in err
+    assert "start the run again (it wrote no checkpoint: remove runs/c first, or choose another --run-name)" in err
+    assert sorted(p.name for p in (tmp_path / "runs" / "c").iterdir()) == ["run.lock"]  # no config.json.tmp left
