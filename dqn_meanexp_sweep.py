@@ -5,13 +5,14 @@
     python dqn_meanexp_sweep.py --plot-only --figure-dir docs    # the figures and the table of what the folder holds
 
 Each member (k, seed) is `python dqn_meanexp.py --me-coef k --seed seed`: the same network, environments, seeds,
-exploration and replay draws, evaluations and statistics, so its results equal that run's up to float rounding (tests/
-test_lunar_sweep.py checks). What differs is how it runs: the members of one worker process step in lockstep, and
+exploration and replay draws, evaluations and statistics: with --no-compile its results equal that run's (tests/
+test_lunar_sweep.py checks); compiled, the float order differs, the runs part ways after some updates, and a member is
+another sample of the same experiment, as a run on another machine would be. What differs is how it runs: the members of one worker process step in lockstep, and
 their networks are stacked tensors with a leading member dimension, so one batched matrix product serves them all
 and one Adam over the stacked parameters is every member's own Adam (it is element-wise). Each worker uses one core.
 
 Then, as the authors' plot: AUC(k) = the mean over the evaluation points of the across-seed mean score, its 95%
-interval 1.96 (norm.ppf(0.975)) x the standard error of the per-seed AUCs, drawn against k on a log axis with k = 0 as a line.
+interval 1.96 (norm.ppf(0.975)) x the standard error of the per-seed AUCs, drawn against k on a log axis, k = 0 a line.
 """
 
 import ctypes
@@ -54,7 +55,8 @@ class SweepArgs:
     """processes, one core each; the members are dealt out between them"""
     compile: bool = True
     """compile the batched update with torch.compile (the same math in the compiler's float order: 1.3-1.7x faster on
-    CPU, 30 s to compile); --no-compile: each member equals its single run to the bit"""
+    CPU, 30 s to compile; a member is then another sample of its single run's experiment, not that run);
+    --no-compile: each member equals its single run to the bit"""
     plot_only: bool = False
     """train nothing: draw the figures and the table from what the folder holds"""
     figure_dir: Optional[str] = None
