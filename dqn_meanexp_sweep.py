@@ -7,9 +7,10 @@
 Each member (k, seed) is `python dqn_meanexp.py --me-coef k --seed seed`: the same network, environments, seeds,
 exploration and replay draws, evaluations and statistics: with --no-compile its results equal that run's (tests/
 test_lunar_sweep.py checks); compiled, the float order differs, the runs part ways after some updates, and a member is
-another sample of the same experiment, as a run on another machine would be. What differs is how it runs: the members of one worker process step in lockstep, and
-their networks are stacked tensors with a leading member dimension, so one batched matrix product serves them all
-and one Adam over the stacked parameters is every member's own Adam (it is element-wise). Each worker uses one core.
+another sample of the same experiment, as a run on another machine would be. What differs is how it runs: the
+members of one worker process step in lockstep, and their networks are stacked tensors with a leading member
+dimension, so one batched matrix product serves them all and one Adam over the stacked parameters is every member's
+own Adam (it is element-wise). Each worker uses one core.
 
 Then, as the authors' plot: AUC(k) = the mean over the evaluation points of the across-seed mean score, its 95%
 interval 1.96 (norm.ppf(0.975)) x the standard error of the per-seed AUCs, drawn against k on a log axis, k = 0 a line.
