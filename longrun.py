@@ -116,9 +116,9 @@ def older_checkpoints(run_dir: str) -> list:
 
 def lock_run_dir(run_dir: str, wait_seconds: float = 2.0):
     """Locks the run directory for this process's whole life (flock: the kernel lets go when the process ends, kill -9
-    included) and writes this process into the lock file. Where another process still holds it after wait_seconds (a
-    requeued job may start while the old process is ending): exits with code 2, naming it. Returns the open lock file,
-    which must stay open."""
+    included). Where another process still holds it after wait_seconds (a requeued job may start while the old process
+    is ending): exits with code 2, naming it as the lock file does. Returns the open lock file, which must stay open;
+    name_holder() writes this process into it once the run writes anything (a refused command changes nothing)."""
     lock = open(os.path.join(run_dir, LOCK), "a+")  # creates it where missing (a run from before the lock)
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -137,12 +137,16 @@ def lock_run_dir(run_dir: str, wait_seconds: float = 2.0):
             print(f"warning: {run_dir}: this filesystem does not lock files ({e}): nothing keeps a second process out "
                   "of this run directory (docs/long-runs.md, 'One process per run')", file=sys.stderr)
             return lock
-    lock.seek(0)  # who holds it, for a process that finds it taken
+    HELD_LOCKS.add(lock)  # forked env workers close their copy (leave_signals_to_main_process)
+    return lock
+
+
+def name_holder(lock):
+    """Writes who holds the lock (pid, host, start time) into the lock file, for a process that finds it taken."""
+    lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
     lock.flush()
-    HELD_LOCKS.add(lock)  # forked env workers close their copy (leave_signals_to_main_process)
-    return lock
 
 
 def load_newest_checkpoint(run_dir: str) -> dict:
@@ -312,7 +316,10 @@ class Run:
             except FileExistsError:  # another process took this --run-name since the check above
                 fail([f"run directory {self.dir} already exists; choose another --run-name (nothing was overwritten)"])
             self.lock = lock_run_dir(self.dir)
+            name_holder(self.lock)
             self.write_config()
+        else:
+            name_holder(self.lock)  # every check passed: from here on the run writes
         # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
         self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
         if resumed is None:

@@ -114,11 +114,7 @@ def finished_run(tmp_path_factory):
 
 
 def listing(root):
-    """Every file with its size and time, but a lock file's time: a resume refused only once it holds the run's lock
-    (its checkpoint's step is read under the lock) has written its own name into run.lock, and nothing else."""
-    return sorted((str(p.relative_to(root)), *((None, None) if p.name == "run.lock" else (p.stat().st_size,
-                                                                                            p.stat().st_mtime_ns)))
-                  for p in root.rglob("*"))
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
 RESUME_BAD = [

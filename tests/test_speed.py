@@ -76,7 +76,8 @@ def test_quick_benchmark_writes_the_documented_json_with_concurrent_runs(tmp_pat
                           capture_output=True, text=True, timeout=600)
     elapsed = time.time() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert elapsed < 240, f"--quick took {elapsed:.0f} s"  # about 60 s on 2 cores: a guard on the suite's time, not a benchmark
+    # about 60 s on 2 quiet cores, 200 s beside a 2-process sweep: a guard on the suite's time, not a benchmark
+    assert elapsed < 450, f"--quick took {elapsed:.0f} s"
     result = json.loads(out.read_text())
     assert set(result) == {"device", "date", "command", "versions", "machine", "rows"}
     assert result["device"].startswith("cpu") and result["date"] == time.strftime("%Y-%m-%d")
@@ -97,8 +98,8 @@ def test_quick_benchmark_writes_the_documented_json_with_concurrent_runs(tmp_pat
         assert row["env_sps"] > row["training_sps"] > 0 and row["update_ms"] > row["sample_ms"] > 0 and row["act_ms"] > 0
         assert row["allowed_sps"] == pytest.approx(1 / (row["env_ms"] / 1e3 + row["act_ms"] / 1e3 + row["update_ms"] / 4e3))
         assert row["peak_rss_bytes"] > 100e6
-        if n == 1:  # alone, the loop's rate is what its measured parts allow, give or take noise
-            assert 0.5 < row["share_of_allowed"] < 1.5
+        if n == 1:  # alone, the loop's rate is what its measured parts allow, give or take noise (and other load:
+            assert 1 / 3 < row["share_of_allowed"] < 3  # parts and loop are timed apart); an update counted 4x is not
     assert "dqn x1: env-only" in proc.stdout and "2 runs at once" in proc.stdout
 
 
