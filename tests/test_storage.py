@@ -234,12 +234,20 @@ def test_older_checkpoints_are_the_numbered_ones_newest_first(tmp_path):
     assert longrun.older_checkpoints(str(tmp_path)) == ["checkpoint_step12.pt", "checkpoint_step3.pt"]
 
 
-def test_atomic_save_keeps_the_previous_file_under_a_second_name(tmp_path):
+def test_atomic_save_keeps_the_previous_file_under_a_second_name(tmp_path, monkeypatch):
     path, older = str(tmp_path / "checkpoint.pt"), str(tmp_path / "checkpoint_step1.pt")
     longrun.atomic_save(path, lambda tmp: torch.save({"step": 1}, tmp))
     with open(older, "w") as f:
         f.write("left by a process killed between the link and the rename")
+    replace, path_there = os.replace, []
+
+    def watched_replace(src, dst):  # a process killed at any rename must still find checkpoint.pt
+        path_there.append(os.path.exists(path))
+        replace(src, dst)
+
+    monkeypatch.setattr(longrun.os, "replace", watched_replace)
     longrun.atomic_save(path, lambda tmp: torch.save({"step": 2}, tmp), keep_previous_as=older)
+    assert path_there and all(path_there)
     assert torch.load(path) == {"step": 2} and torch.load(older) == {"step": 1}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint_step1.pt"]
 
