@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import platform
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -293,6 +294,16 @@ def train_members(args: SweepArgs, members: list) -> dict:
             "phases": clock, "obs_size": pop.obs_size, "n_actions": pop.n_actions}
 
 
+def code_version() -> Optional[str]:
+    """The commit the part ran (with " + changes" where the tree differed from it), for its record; None outside git."""
+    def git(*words):
+        return subprocess.run(["git", *words], capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")
+    commit = git("rev-parse", "HEAD")
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + (" + changes" if git("status", "--porcelain", "--untracked-files=no").stdout else "")
+
+
 def update_flop(obs_size: int, n_actions: int, batch_size: int, hidden: int = 256) -> int:
     """FLOP of one update of one member as the floor counts them: the online network's forward and backward passes
     (3 x 2 x batch x weights; the target's forward, the head and Adam are left out)."""
@@ -334,7 +345,8 @@ def run_part(args: SweepArgs) -> Optional[dict]:
     flop = sum(r["members"] * r["updates_per_member"] for r in results) * update_flop(
         results[0]["obs_size"], results[0]["n_actions"], args.dqn.batch_size)
     floor = flop / (max(gemm_before, gemm_after) * 1e9)  # the faster GEMM measurement: the stricter floor
-    record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "members": todo,
+    record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "code": code_version(),
+              "members": todo,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "workers": workers,
               "torch": torch.__version__, "compile": args.compile, "wall_seconds": wall, "flop": flop,
               "gemm_gflops_before": gemm_before, "gemm_gflops_after": gemm_after, "floor_seconds": floor,

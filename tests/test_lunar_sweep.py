@@ -153,6 +153,8 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     assert record["flop"] == 2 * 201 * 3 * 2 * 128 * (8 * 256 + 256 * 256 + 256 * 4)  # 2 members, updates at 200..400
     assert record["ratio_to_floor"] == pytest.approx(record["wall_seconds"] / record["floor_seconds"])
     assert record["gemm_gflops_before"] > 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    assert record["code"].split()[0] == head  # the commit the part ran, for the committed results
     assert set(record["workers_detail"][0]["phases"]) == {"act", "env", "update", "evaluate"}
     assert "| 4 | 2 |" in (out / "table.md").read_text() and (out / "lunar_k_auc.png").exists()
     before = sorted(os.listdir(out / "runs"))
