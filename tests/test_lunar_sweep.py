@@ -157,6 +157,19 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     assert record["code"].split()[0] == head  # the commit the part ran, for the committed results
     assert set(record["workers_detail"][0]["phases"]) == {"act", "env", "update", "evaluate"}
     assert "| 4 | 2 |" in (out / "table.md").read_text() and (out / "lunar_k_auc.png").exists()
+
+    # benchmarks/sweep_time.py adds the parts up from these records, as benchmarks/README.md quotes it
+    records = [json.load(open(path)) for path in parts]
+    summary = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep_time.py"), "--folder", str(out)],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert summary.returncode == 0, summary.stderr
+    last = summary.stdout.splitlines()[-1].split("|")
+    ratio = sum(r["wall_seconds"] for r in records) / sum(r["floor_seconds"] for r in records)
+    assert last[1].strip() == "all 2 parts" and last[3].strip() == "4" and last[7].strip() == f"{ratio:.2f}x"
+    eval_steps = 0  # every member: 3 evaluations (steps 0, 200, 400) of 1 episode
+    for path in glob.glob(str(out / "runs" / "*" / "evaluations.json")):
+        eval_steps += round(sum(row["length"] for row in json.load(open(path))["evaluations"]))
+    assert last[10].strip() == f"{eval_steps:,}" and eval_steps >= 4 * 3
     before = sorted(os.listdir(out / "runs"))
     mixed = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(out), "--ks", "0",
                             "--seeds", "1", "--dqn.total-timesteps", "600"], capture_output=True, text=True, cwd=ROOT)
