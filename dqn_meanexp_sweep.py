@@ -62,7 +62,7 @@ class SweepArgs:
     plot_only: bool = False
     """train nothing: draw the figures and the table from what the folder holds"""
     figure_dir: Optional[str] = None
-    """where the figures and table.md go (default: the sweep's folder)"""
+    """where the figures and lunar_table.md go (default: the sweep's folder)"""
     dqn: dqn_meanexp.Args = field(default_factory=dqn_meanexp.Args)
     """dqn_meanexp.py's flags for every member (--dqn.total-timesteps ...); each member sets its own k and seed"""
 
@@ -410,7 +410,7 @@ def markdown_table(table: dict) -> str:
 
 
 def plot(folder: str, figure_dir: str) -> dict:
-    """Writes lunar_k_auc.png, lunar_curves.png, lunar_overestimation_gap.png and table.md into figure_dir."""
+    """Writes lunar_k_auc.png, lunar_curves.png, lunar_overestimation_gap.png and lunar_table.md into figure_dir."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,7 +463,7 @@ def plot(folder: str, figure_dir: str) -> dict:
     fig.savefig(os.path.join(figure_dir, "lunar_overestimation_gap.png"), dpi=120)
     plt.close("all")
 
-    with open(os.path.join(figure_dir, "table.md"), "w") as f:
+    with open(os.path.join(figure_dir, "lunar_table.md"), "w") as f:
         f.write(markdown_table(table))
     print(markdown_table(table))
     return table

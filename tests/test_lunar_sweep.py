@@ -104,9 +104,9 @@ def test_auc_and_its_interval_are_the_authors_on_hand_made_curves(tmp_path):
     assert table[0.0]["final_score"] == 4.0 and table[0.0]["final_action_gap"] == 0.5
     assert table[4.0]["auc"] == pytest.approx(10.0) and np.isnan(table[4.0]["ci"])  # one seed: no interval
     assert table[4.0]["final_overestimation"] == -1.0 and table[4.0]["final_normalized_overestimation"] == -0.5
-    for name in ("lunar_k_auc.png", "lunar_curves.png", "lunar_overestimation_gap.png", "table.md"):
+    for name in ("lunar_k_auc.png", "lunar_curves.png", "lunar_overestimation_gap.png", "lunar_table.md"):
         assert os.path.getsize(tmp_path / "figures" / name) > 0
-    assert "| 0 | 2 | 3.0 | ± 2.0 | 4.0 |" in (tmp_path / "figures" / "table.md").read_text()
+    assert "| 0 | 2 | 3.0 | ± 2.0 | 4.0 |" in (tmp_path / "figures" / "lunar_table.md").read_text()
 
 
 def test_runs_evaluated_at_other_steps_are_not_averaged_together(tmp_path):
@@ -156,7 +156,7 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     assert record["code"].split()[0] == head  # the commit the part ran, for the committed results
     assert set(record["workers_detail"][0]["phases"]) == {"act", "env", "update", "evaluate"}
-    assert "| 4 | 2 |" in (out / "table.md").read_text() and (out / "lunar_k_auc.png").exists()
+    assert "| 4 | 2 |" in (out / "lunar_table.md").read_text() and (out / "lunar_k_auc.png").exists()
 
     # benchmarks/sweep_time.py adds the parts up from these records, as benchmarks/README.md quotes it
     records = [json.load(open(path)) for path in parts]
