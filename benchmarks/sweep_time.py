@@ -7,7 +7,8 @@
 Per part: its k, members, the commit it ran, wall minutes, the floor (its updates' FLOP at the machine's GEMM rate,
 measured by the part) and their ratio; then the minutes of one worker (the mean over the part's workers) in each phase,
 and the environment steps its evaluations took (episodes x mean length, from evaluations.json), which the floor does
-not count. The last row adds the parts up: the sweep's ratio is its summed wall time over its summed floor.
+not count. The last row adds the parts up: the sweep's ratio is its summed wall time over its summed floor, and the
+phases are one worker's minutes summed over the parts.
 """
 
 import argparse
@@ -46,8 +47,10 @@ def markdown(rows: list) -> str:
                      f"{p['update']:.1f} / {p['evaluate']:.1f} / {p['env']:.1f} / {p['act']:.1f} | "
                      f"{r['eval_env_steps']:,.0f} |")
     wall, floor = sum(r["wall"] for r in rows), sum(r["floor"] for r in rows)
+    p = {name: sum(r["phases"][name] for r in rows) for name in ("update", "evaluate", "env", "act")}
     lines.append(f"| all {len(rows)} parts | | {sum(r['members'] for r in rows)} | | {wall:.1f} | {floor:.1f} | "
-                 f"{wall / floor:.2f}x | | | {sum(r['eval_env_steps'] for r in rows):,.0f} |")
+                 f"{wall / floor:.2f}x | | {p['update']:.1f} / {p['evaluate']:.1f} / {p['env']:.1f} / {p['act']:.1f} | "
+                 f"{sum(r['eval_env_steps'] for r in rows):,.0f} |")
     return "\n".join(lines) + "\n"
 
 

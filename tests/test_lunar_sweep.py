@@ -170,6 +170,9 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     for path in glob.glob(str(out / "runs" / "*" / "evaluations.json")):
         eval_steps += round(sum(row["length"] for row in json.load(open(path))["evaluations"]))
     assert last[10].strip() == f"{eval_steps:,}" and eval_steps >= 4 * 3
+    phases = [sum(sum(w["phases"][name] for w in r["workers_detail"]) / len(r["workers_detail"]) / 60 for r in records)
+              for name in ("update", "evaluate", "env", "act")]  # one worker's minutes a phase, summed over the parts
+    assert last[9].strip() == " / ".join(f"{m:.1f}" for m in phases) and phases[0] > 0
     before = sorted(os.listdir(out / "runs"))
     mixed = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(out), "--ks", "0",
                             "--seeds", "1", "--dqn.total-timesteps", "600"], capture_output=True, text=True, cwd=ROOT)
