@@ -37,19 +37,22 @@ def part_rows(folder: str) -> list:
     return rows
 
 
+def phase_minutes(p: dict) -> str:
+    """The table's cell of one worker's minutes in each phase."""
+    return f"{p['update']:.1f} / {p['evaluate']:.1f} / {p['env']:.1f} / {p['act']:.1f}"
+
+
 def markdown(rows: list) -> str:
     lines = ["| part (date) | k | members | code | wall (min) | floor (min) | ratio | GEMM (GFLOP/s) | one worker's "
              "minutes: update / evaluate / env / act | evaluation env steps |", "|" + " --- |" * 10]
     for r in rows:
-        p = r["phases"]
         lines.append(f"| {r['date']} | {', '.join(f'{k:g}' for k in r['ks'])} | {r['members']} | {r['code']} | "
                      f"{r['wall']:.1f} | {r['floor']:.1f} | {r['wall'] / r['floor']:.2f}x | {r['gemm']:.0f} | "
-                     f"{p['update']:.1f} / {p['evaluate']:.1f} / {p['env']:.1f} / {p['act']:.1f} | "
-                     f"{r['eval_env_steps']:,.0f} |")
+                     f"{phase_minutes(r['phases'])} | {r['eval_env_steps']:,.0f} |")
     wall, floor = sum(r["wall"] for r in rows), sum(r["floor"] for r in rows)
-    p = {name: sum(r["phases"][name] for r in rows) for name in ("update", "evaluate", "env", "act")}
+    summed = {name: sum(r["phases"][name] for r in rows) for name in rows[0]["phases"]}
     lines.append(f"| all {len(rows)} parts | | {sum(r['members'] for r in rows)} | | {wall:.1f} | {floor:.1f} | "
-                 f"{wall / floor:.2f}x | | {p['update']:.1f} / {p['evaluate']:.1f} / {p['env']:.1f} / {p['act']:.1f} | "
+                 f"{wall / floor:.2f}x | | {phase_minutes(summed)} | "
                  f"{sum(r['eval_env_steps'] for r in rows):,.0f} |")
     return "\n".join(lines) + "\n"
 
