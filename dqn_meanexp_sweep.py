@@ -134,27 +134,29 @@ class Population:
         self.rngs = [np.random.default_rng(seed) for _, seed in members]  # as dqn_meanexp.main: exploration, replay
         self.gradients = torch.compile(gradients, dynamic=False) if compile else gradients
         capacity, m = min(args.buffer_size, max(args.total_timesteps, 1)), len(members)
-        self.replay = {"obs": torch.zeros(m, capacity, self.obs_size), "actions": torch.zeros(m, capacity, dtype=torch.int64),
-                       "rewards": torch.zeros(m, capacity), "next_obs": torch.zeros(m, capacity, self.obs_size),
-                       "terminated": torch.zeros(m, capacity)}
+        # every member's replay in one tensor, so that one gather draws all the batches: member i's ring is rows
+        # i * capacity onward, a row is obs, next_obs, action, reward, terminated (float32 holds the actions exactly)
+        self.replay = torch.zeros(m * capacity, 2 * self.obs_size + 3)
+        self.ring_starts = torch.arange(m)[:, None] * capacity
         self.capacity, self.pos, self.size = capacity, 0, 0
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: 20% off a forward at batch 1
     def q_values(self, obs: np.ndarray) -> torch.Tensor:
         """Q(s, .) of one observation per member: obs (M, obs_size) -> (M, |A|)."""
         return forward(self.params, torch.as_tensor(obs)[:, None], self.k, self.args.obs_divisor)[0][:, 0]
 
-    def add(self, transitions: dict):
+    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray):
         """One transition per member (arrays with a leading member dimension), at the same ring position for all."""
-        for name, values in transitions.items():
-            self.replay[name][:, self.pos] = torch.as_tensor(values)
+        rows = np.concatenate([obs, next_obs, actions[:, None], rewards[:, None], terminated[:, None]], axis=1)
+        self.replay[self.ring_starts[:, 0] + self.pos] = torch.as_tensor(rows, dtype=torch.float32)
         self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
 
     def update(self) -> torch.Tensor:
         """One update of every member on its own batch (drawn as dqn_meanexp.main draws it); returns the action gaps."""
-        indices = torch.as_tensor(np.stack([rng.choice(self.size, self.args.batch_size, replace=False) for rng in self.rngs]))
-        rows = torch.arange(len(self.members))[:, None]
-        batch = tuple(self.replay[name][rows, indices] for name in ("obs", "actions", "rewards", "next_obs", "terminated"))
+        indices = np.stack([rng.choice(self.size, self.args.batch_size, replace=False) for rng in self.rngs])
+        rows = self.replay.index_select(0, (torch.as_tensor(indices) + self.ring_starts).view(-1))
+        rows, o = rows.view(len(self.members), self.args.batch_size, -1), self.obs_size
+        batch = (rows[..., :o], rows[..., 2 * o].long(), rows[..., 2 * o + 1], rows[..., o:2 * o], rows[..., 2 * o + 2])
         grads, gaps = self.gradients(self.params, self.target, self.k, self.args.obs_divisor, self.args.gamma, batch)
         for param, grad in zip(self.optimizer.param_groups[0]["params"], grads[:5] + list(grads[5])):
             param.grad = grad
@@ -239,7 +241,7 @@ def train(pop: Population) -> tuple:
             rewards[i] = reward * args.reward_scale  # scaled for learning only, as dqn_meanexp
             if terminated[i] or truncated:
                 ended.append(i)
-        pop.add({"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "terminated": terminated})
+        pop.add(obs, actions, rewards, next_obs, terminated)
         obs = next_obs
         for i in ended:
             obs[i] = pop.envs[i].reset()[0]

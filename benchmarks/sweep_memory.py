@@ -30,8 +30,8 @@ args = dqn_meanexp.Args(total_timesteps=3000, learning_starts=200, eval_interval
 pop = sweep.Population(args, members, compile=COMPILE)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
 marks, add = [], pop.add
-def add_and_measure(transitions):
-    add(transitions)
+def add_and_measure(*transition):
+    add(*transition)
     if pop.pos % 500 == 0:
         marks.append(round(rss()))
 pop.add = add_and_measure
