@@ -13,6 +13,7 @@ import torch
 
 import dqn_meanexp as dqn
 import dqn_meanexp_sweep as sweep
+from benchmarks import sweep_bound
 from conftest import ROOT
 
 MEMBERS = [(4.0, 1), (0.0, 2), (65536.0, 3), (16.0, 1)]  # one seed twice: the members must not share anything
@@ -173,6 +174,22 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     phases = [sum(sum(w["phases"][name] for w in r["workers_detail"]) / len(r["workers_detail"]) / 60 for r in records)
               for name in ("update", "evaluate", "env", "act")]  # one worker's minutes a phase, summed over the parts
     assert last[9].strip() == " / ".join(f"{m:.1f}" for m in phases) and phases[0] > 0
+    # benchmarks/sweep_bound.py counts what each worker of each part had to do, from the same records
+    counts = sweep_bound.sweep_counts(str(out))
+    lengths = {}  # env steps of each member's evaluations
+    for path in glob.glob(str(out / "runs" / "*" / "evaluations.json")):
+        lengths[os.path.basename(os.path.dirname(path))] = [row["length"] for row in json.load(open(path))["evaluations"]]
+    assert [len(part["workers"]) for part in counts] == [2, 1]
+    for worker, member in zip(counts[0]["workers"], ("k0__seed1", "k0__seed2")):  # one member each
+        assert worker == {"updates": 201, "train_env_steps": 400, "act_forwards": pytest.approx(sum(
+            1 - (1 - 0.95 * t / 10_000) for t in range(400))), "eval_env_steps": sum(lengths[member]),
+            "eval_forwards": sum(lengths[member]), "members": 1}
+    (both,) = counts[1]["workers"]  # k = 4, seeds 1 and 2 in lockstep: an evaluation lasts as long as the longer one
+    assert both["train_env_steps"] == 800 and both["act_forwards"] == pytest.approx(
+        sum(1 - (1 - 0.95 * t / 10_000) ** 2 for t in range(400)))
+    assert both["eval_forwards"] == sum(map(max, lengths["k4__seed1"], lengths["k4__seed2"]))
+    assert both["eval_env_steps"] == sum(lengths["k4__seed1"]) + sum(lengths["k4__seed2"])
+
     before = sorted(os.listdir(out / "runs"))
     mixed = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(out), "--ks", "0",
                             "--seeds", "1", "--dqn.total-timesteps", "600"], capture_output=True, text=True, cwd=ROOT)
@@ -190,3 +207,19 @@ def test_bad_sweep_flags_are_refused_before_anything_is_written(tmp_path, flags,
     result = run_sweep(tmp_path / "sweep", *flags)
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_the_time_bound_adds_each_parts_slowest_worker_and_its_profile_finds_the_kernels():
+    costs = {"products": 0.004, "elementwise": 0.0005, "adam": 0.001, "env_step": 1e-4, "forward": 2e-4}
+    fast = {"updates": 1000, "train_env_steps": 5000, "act_forwards": 900, "eval_env_steps": 10_000, "eval_forwards": 3000}
+    slow = {**fast, "eval_env_steps": 20_000, "eval_forwards": 5000}
+    result = sweep_bound.bound([{"wall": 60.0, "floor": 5.0, "flop": 1e12, "workers": [fast, slow]},
+                                {"wall": 30.0, "floor": 2.5, "flop": 5e11, "workers": [fast]}], costs)
+    # slow: 4 + 0.5 + 1 + 0.5 + 0.18 + 2 + 1 = 9.18 s; fast: 4 + 0.5 + 1 + 0.5 + 0.18 + 1 + 0.6 = 7.78 s
+    assert result["bound"] == pytest.approx(9.18 + 7.78) and result["floor"] == 7.5 and result["wall"] == 90.0
+    assert result["seconds"]["evaluation forwards"] == pytest.approx(1.0 + 0.6)
+    assert result["seconds"]["products"] == pytest.approx(8.0) and result["seconds"]["Adam kernel"] == pytest.approx(2.0)
+    table = sweep_bound.markdown(result, costs, 5, gemm_gflops=100.0)  # a floor of 1.5e12 / 1e11 = 15 s
+    assert "| **lower bound** | 0.3 | 1.13x |" in table and "against them the bound is 2.26x" in table
+    measured = sweep_bound.measure(members=2, calls=20)  # the profile's kernel names are this torch's
+    assert all(measured[piece] > 0 for piece in ("products", "elementwise", "adam", "env_step", "forward"))
