@@ -22,6 +22,7 @@ cache), so the sum is a lower bound: no run of this design on this machine can b
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -43,9 +44,9 @@ REPEATS = 3
 
 def sweep_counts(folder: str) -> list:
     """Per part and worker: the counts of each piece, read from the part records and the members' evaluations.json."""
-    parts = []
-    for path in sorted(os.listdir(os.path.join(folder, "parts"))):
-        with open(os.path.join(folder, "parts", path)) as f:
+    parts, schedules = [], {}
+    for path in sorted(glob.glob(os.path.join(folder, "parts", "*.json"))):  # as sweep_time.py: records only
+        with open(path) as f:
             part = json.load(f)
         workers = []
         for w in range(part["workers"]):  # run_part deals the members out as todo[w::workers]
@@ -56,8 +57,10 @@ def sweep_counts(folder: str) -> list:
                 config = data["config"]
                 lengths.append([e["episodes"] * e["length"] for e in data["evaluations"]])  # env steps per evaluation
             m, steps = len(lengths), config["total_timesteps"]
-            epsilon = np.array([dqn_meanexp.linear_schedule(config["start_e"], config["end_e"],
-                                                            config["exploration_steps"], t) for t in range(steps)])
+            schedule = (config["start_e"], config["end_e"], config["exploration_steps"], steps)
+            if schedule not in schedules:  # the same for every worker of a sweep: computed once
+                schedules[schedule] = np.array([dqn_meanexp.linear_schedule(*schedule[:3], t) for t in range(steps)])
+            epsilon = schedules[schedule]
             workers.append({"updates": part["workers_detail"][w]["updates_per_member"], "train_env_steps": m * steps,
                             "act_forwards": float(np.sum(1 - epsilon**m)),  # some member is greedy: one forward
                             "eval_env_steps": float(np.sum(lengths)),
