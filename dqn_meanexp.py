@@ -31,8 +31,9 @@ class Args:  # the defaults are the authors' LunarLander experiment
     """the name of this experiment (part of the run name)"""
     seed: int = 1
     """seed of the experiment: the network, the training env and exploration; the evaluation env gets 2^32 - 1 - seed"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    cuda: bool = False
+    """if toggled, use CUDA where there is a GPU. Off by default: a 256-256 MLP acting on one state at a time gains
+    nothing from a GPU (docs/lunar_lander.md), and on the CPU a run is the same run as in the sweep, which is CPU-only"""
     track: bool = False
     """if toggled, track the run with Weights & Biases (pip install wandb); WANDB_MODE=offline writes it locally"""
     wandb_project_name: str = "meanexp-classic-control"

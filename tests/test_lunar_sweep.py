@@ -55,17 +55,32 @@ def test_batched_gradients_are_each_members_autograd_gradients(compiled):
         torch.testing.assert_close(gaps[i], (top2[:, 0] - top2[:, 1]).mean())
 
 
-def batched_matmul_rounds_as_plain():
-    """Whether this machine's batched matmul gives each member exactly what nn.Linear gives (true on the x86 CPUs we
-    run on): then a member's run is its single run to the bit. Where it is not, rounding differs from the first update
-    and Q-learning's ReLU kinks amplify it, so only a few updates can agree within float tolerance."""
-    x, w, b = torch.randn(3, 128, 256), torch.randn(3, 256, 256), torch.randn(3, 1, 256)
-    return all(torch.equal(torch.baddbmm(b, x, w)[i], torch.nn.functional.linear(x[i], w[i].T, b[i, 0])) for i in range(3))
+def batched_arithmetic_rounds_as_plain():
+    """Whether this machine's batched products give each member exactly what its single run computes, at the sweep's
+    own shapes: the forward at batch 1 and 128 (nn.Linear) and one update's gradients (autograd). True on the Intel
+    Xeons the sweep ran on: then a member's run is its single run to the bit. Not on every x86 CPU (an AMD EPYC with
+    AVX-512 rounds them otherwise, issue 31): then rounding differs from the first update and Q-learning's ReLU kinks
+    amplify it, so only a few updates can agree within float tolerance."""
+    nets, targets = networks(MEMBERS), networks(MEMBERS, offset=100)
+    k = torch.tensor([m[0] for m in MEMBERS])[:, None, None]
+    params, batch = sweep.stack_networks(nets), random_batch(len(MEMBERS))
+    grads, _ = sweep.gradients(params, sweep.stack_networks(targets), k, 10.0, 0.99, batch)
+    for i, (net, target) in enumerate(zip(nets, targets)):
+        expected = autograd_gradients(net, target, tuple(t[i] for t in batch))
+        if not all(torch.equal(got[i], want) for got, want in zip(grads, expected)):
+            return False
+    for b in (1, 128):
+        x = torch.randn(len(MEMBERS), b, 8, generator=torch.Generator().manual_seed(b)) * 5
+        q = sweep.forward(params, x, k, 10.0)[0]
+        if not all(torch.equal(q[i], net(x[i])) for i, net in enumerate(nets)):
+            return False
+    return True
 
 
 def test_each_member_of_a_population_is_its_single_run(in_tmp):
-    exact = batched_matmul_rounds_as_plain()
-    settings = dict(total_timesteps=800 if exact else 330, learning_starts=300, eval_interval=400, eval_episodes=2)
+    exact = batched_arithmetic_rounds_as_plain()
+    # cuda=False: the population runs on the CPU, so must its members' single runs, GPU or not (issue 33)
+    settings = dict(total_timesteps=800 if exact else 330, learning_starts=300, eval_interval=400, eval_episodes=2, cuda=False)
     pop = sweep.Population(dqn.Args(**settings), MEMBERS, compile=False)
     evaluations, clock = sweep.train(pop)
     assert set(clock) == {"act", "env", "update", "evaluate"}
