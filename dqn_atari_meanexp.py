@@ -23,7 +23,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import ale_py
 import gymnasium as gym
@@ -55,8 +55,13 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     compile: bool = False
-    """if toggled, compile the networks with torch.compile: faster updates and acting after some seconds of compiling
-    (numerics differ from eager mode at the float-rounding level; see benchmarks/README.md)"""
+    """if toggled, compile the whole loss (both networks, every path) and acting with torch.compile: faster after some
+    seconds of compiling (numerics differ from eager mode at the float-rounding level; see benchmarks/README.md)"""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode with --compile; reduce-overhead also captures CUDA graphs (one launch per graph on a GPU)"""
+    tf32: bool = False
+    """if toggled, CUDA matmuls and convolutions may round their inputs to TF32 (a 10-bit mantissa; faster on Ampere and
+    newer GPUs); off: float32 throughout, as on the CPU (docs/protocol.md)"""
     capture_video: bool = False
     """whether to capture videos of the agent's games (first training env) into runs/{run_name}/videos"""
     save_model: bool = False
@@ -375,14 +380,17 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, num_envs: int, device: torch.device, seed: int = 0, frame_shape=(84, 84)):
         self.num_envs, self.slots, self.device = num_envs, capacity // num_envs, device
-        self.frames = np.zeros((num_envs, self.slots, *frame_shape), dtype=np.uint8)
+        # np.full writes every page now: the run holds its memory from the start (and the memory check of a run started
+        # after it sees that), not only once the ring fills, hours in
+        self.frames = np.full((num_envs, self.slots, *frame_shape), 0, dtype=np.uint8)
         for name, dtype in self.FIELDS.items():
-            setattr(self, name, np.zeros((num_envs, self.slots), dtype=dtype))
+            setattr(self, name, np.full((num_envs, self.slots), 0, dtype=dtype))
         self.cursor = 0  # every env writes one frame per add(), so all rings share one write position
         self.filled = 0
         self.rng = np.random.default_rng(seed)
         self._env_index = np.arange(num_envs)
         self._stack_back = np.arange(self.STACK - 1, -1, -1)  # how far back each stack position looks: 3, 2, 1, 0
+        self._pinned = []  # CUDA: pinned host memory that batches are copied from, in turn (_host_batch)
 
     @property
     def nbytes(self) -> int:
@@ -429,10 +437,6 @@ class ReplayBuffer:
         self.cursor, self.filled = state["cursor"], state["filled"]
         self.rng.bit_generator.state = state["rng"]
 
-    def _stacks(self, env, slot):
-        back = np.minimum(self._stack_back[None, :], self.history[env, slot][:, None])  # (B, 4)
-        return self.frames[env[:, None], (slot[:, None] - back) % self.slots]  # (B, 4, 84, 84)
-
     def sample(self, batch_size: int) -> Batch:
         if not self.valid.any():
             raise RuntimeError("the replay buffer holds no complete transition yet")
@@ -443,16 +447,32 @@ class ReplayBuffer:
             env[bad] = self.rng.integers(self.num_envs, size=bad.sum())
             slot[bad] = self.rng.integers(self.filled, size=bad.sum())
             bad = ~self.valid[env, slot]
-        next_slot = (slot + 1) % self.slots
-        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
-        return Batch(
-            obs=to(self._stacks(env, slot)),
-            actions=to(self.actions[env, slot].astype(np.int64)),
-            rewards=to(self.rewards[env, slot]),
-            next_obs=to(self._stacks(env, next_slot)),
-            terminated=to(self.terminated[env, slot].astype(np.float32)),
-            truncated=to(self.truncated[env, slot].astype(np.float32)),
-        )
+        # 5 frames a transition: its stack, then its next frame (the next stack is the stack moved on by one frame)
+        back = np.minimum(self._stack_back[None, :], self.history[env, slot][:, None])  # (B, 4): the episode's start repeats
+        rows = env[:, None] * self.slots + np.concatenate([slot[:, None] - back, slot[:, None] + 1], axis=1) % self.slots
+        frames, scalars, copied = self._host_batch(batch_size)
+        np.take(self.frames.reshape(-1, *self.frames.shape[2:]), rows, axis=0, out=frames.numpy(), mode="clip")
+        scalars.numpy()[:] = np.stack([a[env, slot] for a in (self.actions, self.rewards, self.terminated, self.truncated)], 1)
+        frames, scalars = frames.to(self.device, non_blocking=True), scalars.to(self.device, non_blocking=True)
+        if copied is not None:
+            copied.record()
+        return Batch(obs=frames[:, :-1], actions=scalars[:, 0].long(), rewards=scalars[:, 1], next_obs=frames[:, 1:],
+                     terminated=scalars[:, 2], truncated=scalars[:, 3])
+
+    def _host_batch(self, batch_size: int) -> tuple:
+        """Host tensors to gather a batch into (frames; actions, rewards, terminated, truncated), and an event to record
+        once they are copied. On CUDA: two pinned pairs in turn, so a copy never waits for the GPU, and filling a pair
+        waits only for its own previous copy. On the CPU: new tensors, which the batch then is."""
+        shapes = [((batch_size, self.STACK + 1, *self.frames.shape[2:]), torch.uint8), ((batch_size, 4), torch.float32)]
+        if self.device.type != "cuda":
+            return *(torch.empty(shape, dtype=dtype) for shape, dtype in shapes), None
+        if not self._pinned or len(self._pinned[0][1]) != batch_size:
+            pair = lambda: [*(torch.empty(s, dtype=d, pin_memory=True) for s, d in shapes), torch.cuda.Event()]  # noqa: E731
+            self._pinned = [pair(), pair()]
+        self._pinned.reverse()
+        if not self._pinned[0][2].query():  # this pair's previous batch has not reached the GPU yet: wait for it
+            self._pinned[0][2].synchronize()
+        return self._pinned[0]
 
 
 # ===========================================================================
@@ -494,9 +514,12 @@ def td_loss(q_network: nn.Module, target_network: nn.Module, batch: Batch, args:
     return td_error_loss(q_taken, target, args.loss) + penalty, q
 
 
-def update(q_network, target_network, optimizer, batch: Batch, args: Args):
+LOSS = td_loss  # what update() minimizes (main compiles it with --compile)
+
+
+def update(q_network, target_network, optimizer, batch: Batch, args: Args, loss_fn=LOSS):
     """One gradient step. Returns (loss, mean Q of the taken actions, action gap), all still on the device."""
-    loss, q = td_loss(q_network, target_network, batch, args)
+    loss, q = loss_fn(q_network, target_network, batch, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -516,19 +539,23 @@ class CenteredRMSprop(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, eps=eps, alpha=alpha))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None):  # _foreach_: each line one kernel for all parameters (on CUDA), the same arithmetic
         for group in self.param_groups:
             lr, eps, alpha = group["lr"], group["eps"], group["alpha"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:  # both averages start at 0, with no bias correction
-                    state["grad_avg"], state["square_avg"] = torch.zeros_like(p), torch.zeros_like(p)
-                m, s = state["grad_avg"], state["square_avg"]
-                m.mul_(alpha).add_(p.grad, alpha=1 - alpha)
-                s.mul_(alpha).addcmul_(p.grad, p.grad, value=1 - alpha)
-                p.addcdiv_(p.grad, (s - m * m + eps).sqrt(), value=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            for p in params:
+                if not self.state[p]:  # both averages start at 0, with no bias correction
+                    self.state[p]["grad_avg"], self.state[p]["square_avg"] = torch.zeros_like(p), torch.zeros_like(p)
+            m, s = [self.state[p]["grad_avg"] for p in params], [self.state[p]["square_avg"] for p in params]
+            torch._foreach_mul_(m, alpha)
+            torch._foreach_add_(m, grads, alpha=1 - alpha)
+            torch._foreach_mul_(s, alpha)
+            torch._foreach_addcmul_(s, grads, grads, value=1 - alpha)
+            denominator = torch._foreach_sub(s, torch._foreach_mul(m, m))
+            torch._foreach_add_(denominator, eps)
+            torch._foreach_sqrt_(denominator)
+            torch._foreach_addcdiv_(params, grads, denominator, value=-lr)
 
 
 def make_optimizer(args: Args, network: nn.Module) -> torch.optim.Optimizer:
@@ -669,6 +696,7 @@ class Parts:
     eval_env: gym.Env
     rng: np.random.Generator  # exploration draws
     eval_rng: np.random.Generator  # the evaluation's epsilon draws
+    loss_fn: Callable  # the loss update() computes: compiled with --compile
 
 
 def main(args: Args):
@@ -678,17 +706,19 @@ def main(args: Args):
     run = longrun.Run.start(args, EXPERIMENT)  # checks, seeds, device, |A| and k, run directory, TensorBoard, signals
     if run is None:
         return  # a finished run: nothing to do
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, run.device, seed=args.seed)  # its pages are written now
+    run.memory_taken()  # so the memory check of a run starting next on this machine counts them
     q_network = make_network(args, run.n_actions, run.me_coef).to(run.device)
     target_network = copy.deepcopy(q_network)
-    if args.compile:  # in place: state_dicts keep their keys; one static graph per batch shape (acting, evaluation, training)
-        q_network.compile(dynamic=False)
-        target_network.compile(dynamic=False)
+    loss_fn = LOSS
+    if args.compile:  # static graphs, one per batch shape: the whole loss (both networks' paths in it), and acting
+        loss_fn = torch.compile(LOSS, dynamic=False, mode=args.compile_mode)
+        q_network.q_values = torch.compile(q_network.q_values, dynamic=False, mode=args.compile_mode)
     envs = make_train_envs(args, run.dir)
     atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
     eval_env, eval_rng = make_eval_env(args)
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, run.device, seed=args.seed)
     parts = Parts(q_network, target_network, make_optimizer(args, q_network), rb, envs, eval_env,
-                  rng=np.random.default_rng(args.seed), eval_rng=eval_rng)
+                  rng=np.random.default_rng(args.seed), eval_rng=eval_rng, loss_fn=loss_fn)
     obs, _ = envs.reset(seed=args.seed)
     state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=run.device),
                       bad_step=torch.tensor(-1, device=run.device), update_origin=(args.learning_starts, 0))
@@ -753,7 +783,7 @@ def learn(args: Args, p: Parts, state: LoopState):
     if state.global_step <= origin_step:  # learning has not started yet
         return
     while state.updates < origin_updates + (state.global_step - origin_step) // args.train_frequency:
-        stats = torch.stack(update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args))
+        stats = torch.stack(update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args, p.loss_fn))
         state.sums += stats
         first_bad = (state.bad_step < 0) & ~stats.isfinite().all()  # on the device: no sync
         state.bad_step = torch.where(first_bad, state.global_step, state.bad_step)

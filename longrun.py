@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ def check_args(args, x: Experiment) -> list:
         errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
     if args.run_name is not None and (not args.run_name or "/" in args.run_name or args.run_name in (".", "..")):
         errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
+    if args.compile_mode != "default" and not args.compile:
+        errors.append(f"--compile-mode {args.compile_mode} applies with --compile only")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         errors.append("--capture-video needs moviepy: pip install moviepy")
     if args.track and importlib.util.find_spec("wandb") is None:
@@ -100,7 +103,8 @@ def check_args(args, x: Experiment) -> list:
 
 
 RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "keep_checkpoints", "progress_interval",
-                     "cuda", "save_model", "compile", "track", "wandb_project_name", "wandb_entity", "wandb_group")
+                     "cuda", "save_model", "compile", "compile_mode", "track", "wandb_project_name", "wandb_entity",
+                     "wandb_group")
 
 
 CHECKPOINT = "checkpoint.pt"  # in the run directory: the newest checkpoint
@@ -277,7 +281,7 @@ class Run:
     def __init__(self, args, x: Experiment, resumed: Optional[dict], lock=None):
         self.args, self.x, self.resumed, self.lock = args, x, resumed, lock
         self.n_actions, self.me_coef = actions_and_coef(args, x)
-        check_memory(args, x)
+        check_memory(args, x)  # its lock is held until the script's buffer is written (memory_taken)
         if resumed is None:
             game = args.env_id.replace("/", "-")
             run_name = args.run_name or f"{game}__{args.exp_name}__k{self.me_coef:g}__{args.seed}__{int(time.time())}"
@@ -340,8 +344,13 @@ class Run:
             self.write_config()  # the resume is recorded now that the run really goes on
         else:
             self.checkpoint(state, p)  # a run killed before its first periodic checkpoint can still be resumed
+        self.memory_taken()  # in case the script has not said so
         self.progress = Progress(self.args, state.global_step, time.time())
         return state
+
+    def memory_taken(self):
+        """The script calls this once its replay buffer's pages are written: lets go of check_memory's lock."""
+        release_memory_lock()
 
     def restore(self, state, p):
         """Continues exactly where the checkpoint left off."""
@@ -447,6 +456,7 @@ class Run:
                 print(f"warning: closing the TensorBoard log failed ({e})", file=sys.stderr)
         if self.lock is not None:
             self.lock.close()  # closing the file drops its flock
+        self.memory_taken()
 
     def exit_for_requeue(self, signum, frame=None):
         """After a checkpoint: says how to continue, then exits: 130 after Ctrl-C, else the code a batch system requeues on."""
@@ -605,23 +615,68 @@ def actions_and_coef(args, x: Experiment) -> tuple:
 
 
 def seed_and_device(args) -> torch.device:
-    """Seeds Python's, NumPy's and PyTorch's generators; the device: CUDA where there is one and --cuda."""
+    """Seeds Python's, NumPy's and PyTorch's generators; sets cuDNN's determinism and TF32 (--tf32; PyTorch's own default
+    is TF32 in convolutions and not in matmuls); the device: CUDA where there is one and --cuda."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # set, not PyTorch's mixed default
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
 def check_memory(args, x: Experiment):
-    """Refuses a replay buffer that does not fit: numpy commits its pages only as they fill, so it would fail hours in."""
+    """Refuses a replay buffer that does not fit (numpy would take its pages only as they fill: a failure hours in).
+    Runs starting together on one machine check in turn: each holds a machine-wide lock from its check until its
+    buffer's pages are written (the scripts write them all at once, then call Run.memory_taken), so the next run's
+    check sees them. (Where the lock cannot be had, a warning says so, and the check goes on alone.)"""
+    take_memory_lock()
     replay_bytes, free_bytes = x.replay_buffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
     print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
           f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
     if replay_bytes + HEADROOM_BYTES > free_bytes:
         fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
-              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available; lower --buffer-size "
-              f"(each transition takes about 7 kB)"])
+              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available (other runs on this "
+              "machine included); lower --buffer-size (each transition takes about 7 kB)"])
+
+
+def release_memory_lock():
+    global held_memory_lock
+    if held_memory_lock is not None:
+        held_memory_lock.close()  # closing the file drops its flock
+        held_memory_lock = None
+
+
+def take_memory_lock(wait_seconds: float = 600.0):
+    """Takes the machine-wide lock of check_memory (flock on a file in the temporary directory), waiting for up to
+    wait_seconds while another run holds it; where it cannot be had, warns and goes on without it."""
+    global held_memory_lock
+    if held_memory_lock is not None:  # this process holds it already (an earlier Run in the same process, a test's)
+        return
+    try:
+        try:
+            lock = open(MEMORY_LOCK, "a+")
+        except PermissionError:  # made by another user: a lock needs only a file open for reading
+            lock = open(MEMORY_LOCK)
+        deadline, said = time.monotonic() + wait_seconds, False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise OSError(f"another run has held it for {wait_seconds:.0f} s")
+                if not said:
+                    print(f"waiting for another run on this machine to take its memory ({MEMORY_LOCK})", flush=True)
+                    said = True
+                time.sleep(0.1)
+    except OSError as e:
+        print(f"warning: {MEMORY_LOCK}: {e}; the memory check goes on without counting runs starting at the same time",
+              file=sys.stderr)
+        return
+    HELD_LOCKS.add(lock)  # forked env workers close their copy (leave_signals_to_main_process)
+    held_memory_lock = lock
 
 
 def check_disk(args, x: Experiment, run_dir: str, n_actions: int, me_coef: float) -> int:
@@ -779,6 +834,7 @@ def set_rng_states(states: dict, device: torch.device):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+MEMORY_LOCK = os.path.join(tempfile.gettempdir(), "meanexp-memory.lock")  # machine-wide (check_memory)
 HEADROOM_BYTES = 10**9  # PyTorch, the networks, the envs: what a run needs besides its replay buffer
 CHECKPOINT_EXTRA_BYTES = 50 * 10**6  # a checkpoint besides its networks and buffer: env snapshots, RNG states, pickling
 EXIT_BAD_INPUT = 2  # a bad command line: nothing was written
@@ -787,10 +843,12 @@ EXIT_REQUEUE = 75  # stopped by SIGTERM or SIGUSR1 after writing a checkpoint: r
 EXIT_STORAGE = 74  # a write failed (no space, quota, I/O): the last checkpoint is kept; free room, then --resume (EX_IOERR)
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C after writing a checkpoint: run again with --resume (the shell's code for SIGINT)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each checkpoints the run and exits
+held_memory_lock = None  # the memory lock while this process holds it (take_memory_lock)
 HELD_LOCKS = weakref.WeakSet()  # the run directories' lock files this process has open (lock_run_dir)
 
 
 def fail(errors: list, code: int = EXIT_BAD_INPUT):
+    release_memory_lock()  # a refused or stopped run takes no more memory: the next run's check need not wait
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,49 +124,88 @@ def component_times(script, args, device, repeats: int) -> dict:
 def start_training(algo: str, flags: list, threads: int, learning_starts: int, train_steps: int, log_interval: int) -> dict:
     """Starts the real script in a folder of its own, evaluation and checkpoints off; finish_training() reads it."""
     cwd = tempfile.TemporaryDirectory()
+    # epsilon at its final 0.01 from the start: the rate of the 98% of a run after exploration (where nearly every
+    # step runs the network to act), not of its first million steps
     command = [sys.executable, os.path.join(ROOT, f"{algo}_atari_meanexp.py"), *flags, "--run-name", "bench",
                "--learning-starts", str(learning_starts), "--total-timesteps", str(learning_starts + train_steps),
                "--log-interval", str(log_interval), "--eval-interval", "0", "--final-eval-episodes", "1",
-               "--checkpoint-interval", "0", "--no-checkpoint-buffer", "--progress-interval", "1000000"]
+               "--checkpoint-interval", "0", "--no-checkpoint-buffer", "--progress-interval", "1000000",
+               "--start-e", "0.01", "--end-e", "0.01"]
     log = open(os.path.join(cwd.name, "output.txt"), "w+")  # a file, not a pipe: runs waited for one by one never block
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(command, cwd=cwd.name, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # a session of its own: stopping it (stop_group) stops its env workers and anything else it started too
+    proc = subprocess.Popen(command, cwd=cwd.name, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return {"proc": proc, "log": log, "cwd": cwd, "command": command, "learning_starts": learning_starts,
-            "log_interval": log_interval}
+            "log_interval": log_interval, "total": learning_starts + train_steps}
 
 
-def finish_training(run: dict) -> dict:
-    """Waits for a started script: its rate between two log points after learning starts, and its peak resident memory."""
+def updates_logged(run: dict) -> list:
+    """The charts/updates points the run's TensorBoard log holds on disk so far."""
+    found = glob.glob(os.path.join(run["cwd"].name, "runs", "bench"))
+    if not found:
+        return []
+    accumulator = EventAccumulator(found[0], size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator.Scalars("charts/updates") if "charts/updates" in accumulator.Tags()["scalars"] else []
+
+
+def finish_training(run: dict, deadline: float = float("inf"), skip_final_evaluation: bool = False) -> dict:
+    """Waits for a started script: its rate between two log points after learning starts, and its peak resident memory.
+    skip_final_evaluation: stops it once its training's last point is on disk (the end-of-training checkpoint writes
+    it), before its final evaluation. Past `deadline` (time.monotonic()), stops it and raises TimeoutError."""
     proc, cwd, log = run["proc"], run["cwd"], run["log"]
-    _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak memory
+    last = run["total"] - run["total"] % run["log_interval"]  # the step of the last log point
+    stopped = None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # this process's own peak memory
+        if pid:
+            break
+        late = time.monotonic() > deadline
+        if late or (skip_final_evaluation and any(p.step >= last for p in updates_logged(run))):
+            stopped = "deadline" if late else "trained"
+            stop_group(proc)
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.5)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not signal or wait for it again
     log.seek(0)
     output = log.read()
     log.close()
-    if proc.returncode != 0:
+    if stopped == "deadline" or (proc.returncode != 0 and stopped is None):
         cwd.cleanup()
-        raise RuntimeError(f"{' '.join(run['command'])} failed:\n{output}")
-    accumulator = EventAccumulator(glob.glob(os.path.join(cwd.name, "runs", "bench"))[0], size_guidance={"scalars": 0})
-    accumulator.Reload()
+        error = TimeoutError if stopped == "deadline" else RuntimeError
+        raise error(f"{' '.join(run['command'])} {'ran out of time' if stopped else 'failed'}:\n{output[-3000:]}")
+    points = updates_logged(run)
     cwd.cleanup()
     start = run["learning_starts"] + run["log_interval"]
-    points = [p for p in accumulator.Scalars("charts/updates") if p.step > start]
+    points = [p for p in points if p.step > start]
     first, last = points[0], points[-1]  # from one log point after learning starts to the last before the end
     return {"training_sps": (last.step - first.step) / (last.wall_time - first.wall_time),
             "updates_per_step": (last.value - first.value) / (last.step - first.step),
             "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def training_rates(algo: str, flags: list, concurrent: int, **sizes) -> dict:
+def stop_group(proc: subprocess.Popen):
+    """SIGKILL to a process started with start_new_session=True and to every process of its session."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group has ended already
+        pass
+
+
+def training_rates(algo: str, flags: list, concurrent: int, deadline: float = float("inf"), **sizes) -> dict:
     """`concurrent` copies of the script started together, the CPU cores shared out between them as run_all.sh
-    does (OMP_NUM_THREADS, unless set); each one's rate, their mean and their sum."""
+    does (OMP_NUM_THREADS, unless set); each one's rate, their mean and their sum. Each is stopped once trained (its
+    final evaluation is not measured), and all of them at `deadline` (time.monotonic(): TimeoutError)."""
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() // concurrent))
     runs = [start_training(algo, flags, threads, **sizes) for _ in range(concurrent)]
     try:
-        results = [finish_training(run) for run in runs]
-    except RuntimeError:  # one run failed: stop the others too, then report it
+        results = [finish_training(run, deadline, skip_final_evaluation=True) for run in runs]
+    except (RuntimeError, TimeoutError):  # one run failed or ran out of time: stop the others too, then report it
         for run in runs:
-            run["proc"].kill()
+            stop_group(run["proc"])
+            run["proc"].wait()
+            run["cwd"].cleanup()
         raise
     rates = [r["training_sps"] for r in results]
     return {"threads_per_run": threads, "training_sps": float(np.mean(rates)), "sps_is_per_run": True,
@@ -191,6 +231,9 @@ def main():
     parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when there is one")
     parser.add_argument("--compile", action="store_true", help="the scripts' --compile (torch.compile the networks)")
     parser.add_argument("--quick", action="store_true", help="a few hundred steps of each: under a minute on CPU")
+    parser.add_argument("--buffer-size", type=positive_int, default=None,
+                        help="the scripts' --buffer-size (default: theirs, 1,000,000, whose 7 GB a run writes at its start; "
+                             "--quick: 100,000)")
     parser.add_argument("--ale-vector-env", action="store_true", help="also measure ale-py's AtariVectorEnv (env only)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here (a new file)")
     args = parser.parse_args()
@@ -206,6 +249,8 @@ def main():
         script = importlib.import_module(f"{algo}_atari_meanexp")
         for num_envs in args.num_envs:
             flags = ["--env-id", args.env_id, "--num-envs", str(num_envs), "--seed", "1"]
+            buffer_size = args.buffer_size or (100_000 if args.quick else None)
+            flags += [] if buffer_size is None else ["--buffer-size", str(buffer_size)]
             flags += [] if args.cuda else ["--no-cuda"]
             flags += ["--compile"] if args.compile else []
             if args.quick and algo == "iqn":  # CPU-sized quantile samples keep --quick under a minute

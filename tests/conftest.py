@@ -16,3 +16,7 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in an empty folder, so runs/ is written there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: the CUDA path (tests/test_cuda.py): `pytest -m cuda`, skipped without a GPU")

@@ -1,10 +1,13 @@
 """Bad command lines: a clear message naming the bad value, exit code 2, nothing written or allocated."""
 
+import fcntl
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 import tyro
 
 import dqn_atari_meanexp as dqn
@@ -30,6 +33,7 @@ BAD = [
     (["--train-frequency", "0"], ["--train-frequency"]),
     (["--final-eval-episodes", "0"], ["--final-eval-episodes"]),
     (["--run-name", "a/b"], ["--run-name", "'a/b'"]),
+    (["--compile-mode", "reduce-overhead"], ["--compile-mode reduce-overhead applies with --compile only"]),
 ]
 
 
@@ -69,6 +73,59 @@ def test_buffer_larger_than_memory_is_refused_before_allocating(in_tmp, capsys, 
     err = run_main(in_tmp, ["--buffer-size", "1000000", "--env-id", "ALE/Pong-v5"], capsys)
     assert "--buffer-size 1000000 needs 7.07 GB (plus 1 GB" in err and "only 8.00 GB" in err
     assert not (in_tmp / "runs").exists()
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_replay_buffer_takes_its_memory_when_it_is_made():
+    """Its pages are written at once (issue 33), so a run starting after it on the same machine sees the memory gone,
+    not only once the ring has filled, hours in."""
+    before = resident_bytes()
+    rb = dqn.ReplayBuffer(40_000, 2, torch.device("cpu"))
+    assert resident_bytes() - before >= 0.95 * rb.nbytes  # 282 MB, every page resident
+
+
+def test_runs_starting_together_check_their_memory_in_turn(tmp_path, monkeypatch, capsys):
+    """A run holds the machine-wide lock from its memory check until its buffer is written (Run.memory_taken); one
+    starting meanwhile waits, then sees that memory gone. Here another process is played by a second open file."""
+    monkeypatch.setattr(longrun, "MEMORY_LOCK", str(tmp_path / "memory.lock"))
+    monkeypatch.setattr(longrun, "held_memory_lock", None)
+    other = open(tmp_path / "memory.lock", "a+")
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run is between its check and its buffer
+    start = time.monotonic()
+    longrun.take_memory_lock(wait_seconds=0.6)
+    assert time.monotonic() - start >= 0.6 and longrun.held_memory_lock is None
+    out = capsys.readouterr()
+    assert "waiting for another run on this machine to take its memory" in out.out
+    assert "goes on without counting runs starting at the same time" in out.err
+    other.close()  # that run's buffer is written
+    longrun.take_memory_lock(wait_seconds=0.6)
+    assert longrun.held_memory_lock is not None
+    with pytest.raises(BlockingIOError):  # held: a third run would wait
+        fcntl.flock(open(tmp_path / "memory.lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    longrun.release_memory_lock()
+    fcntl.flock(open(tmp_path / "memory.lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+
+
+def test_a_refused_run_lets_go_of_the_memory_lock(in_tmp, capsys, monkeypatch):
+    monkeypatch.setattr(longrun, "MEMORY_LOCK", str(in_tmp / "memory.lock"))
+    monkeypatch.setattr(longrun, "available_memory_bytes", lambda: 8 * 10**9)
+    run_main(in_tmp, ["--buffer-size", "1000000", "--env-id", "ALE/Pong-v5"], capsys)
+    assert longrun.held_memory_lock is None
+    fcntl.flock(open(in_tmp / "memory.lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run would not wait
+
+
+def test_tf32_is_set_from_the_flag_not_left_to_pytorch():
+    """PyTorch's own default is TF32 in cuDNN's convolutions and not in matmuls; the scripts set both from --tf32."""
+    try:
+        for flags, expected in (([], False), (["--tf32"], True)):
+            longrun.seed_and_device(dqn.parse_args(flags))
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (expected, expected)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def test_existing_run_directory_is_never_overwritten(in_tmp, capsys):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import iqn_atari_meanexp as iqn
 from iqn_atari_meanexp import Args, Batch, IQNNetwork, make_optimizer, mean_expansion, quantile_huber_loss, update
 
 
@@ -180,3 +181,16 @@ def test_learns_q_star_and_the_return_quantiles(k, kappa):
                 break
     print(f"k={k:g} kappa={kappa:g}: max |Q - Q*| = {q_error:.3f}, max quantile error = {z_error:.3f} after {n} updates")
     assert q_error < Q_TOLERANCE and z_error < QUANTILE_TOLERANCE, (k, kappa, n, q_error, z_error)
+
+
+def test_taking_each_rows_action_is_advanced_indexing_forward_and_backward():
+    """iqn.taken gathers Z(s, tau, a) of one action per row; it gives what z[arange(n), :, actions] gives, to the bit,
+    and the same gradient (a gather: no index tensor, and a backward that never waits for the GPU)."""
+    z = torch.randn(6, 5, 18, requires_grad=True)
+    actions, weights = torch.tensor([0, 17, 3, 3, 9, 1]), torch.randn(6, 5)
+    expected = z[torch.arange(6), :, actions]
+    (expected * weights).sum().backward()
+    expected_grad, z.grad = z.grad.clone(), None
+    got = iqn.taken(z, actions)
+    (got * weights).sum().backward()
+    assert torch.equal(got, expected) and torch.equal(z.grad, expected_grad)

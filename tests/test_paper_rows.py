@@ -72,6 +72,33 @@ def test_td_loss_target_clips_rewards_and_bootstraps_truncations():
 # ---------------------------------------------------------------------------
 
 
+def test_rmsprop_for_all_parameters_at_once_is_the_loop_over_them_to_the_bit():
+    """CenteredRMSprop steps every parameter with one _foreach_ call per line (one kernel each on CUDA, issue 33): on
+    the CPU these are the per-parameter operations, in the same order, so the weights equal a plain loop's exactly."""
+    def loop_step(params, state, lr=0.01, eps=0.01, alpha=0.95):  # the per-parameter form, as before issue 33
+        for p in params:
+            if p.grad is None:
+                continue
+            m, s = state.setdefault(p, (torch.zeros_like(p), torch.zeros_like(p)))
+            m.mul_(alpha).add_(p.grad, alpha=1 - alpha)
+            s.mul_(alpha).addcmul_(p.grad, p.grad, value=1 - alpha)
+            p.data.addcdiv_(p.grad, (s - m * m + eps).sqrt(), value=-lr)
+
+    torch.manual_seed(0)
+    shapes = [(32, 4, 8, 8), (32,), (512, 3136), (18,), (3, 3)]
+    fast = [torch.randn(s, requires_grad=True) for s in shapes]
+    plain, start = [p.detach().clone().requires_grad_() for p in fast], [p.detach().clone() for p in fast]
+    optimizer, state = dqn.CenteredRMSprop(fast, lr=0.01, eps=0.01), {}
+    for step in range(4):
+        for a, b in zip(fast, plain):
+            a.grad = None if (step == 1 and a.dim() == 2 and a.shape[0] == 3) else torch.randn(a.shape) * 3  # one skips a step
+            b.grad = None if a.grad is None else a.grad.clone()
+        optimizer.step()
+        loop_step(plain, state)
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert all((a - s).abs().min() > 0 for a, s in zip(fast, start))  # every weight moved: not a comparison of constants
+
+
 def test_two_rmsprop_steps_against_a_hand_computation():
     lr, alpha, eps = 0.1, 0.95, 0.01
     start, grads = [1.0, -2.0], [[0.5, -1.0], [0.1, 0.3]]

@@ -11,7 +11,7 @@ from conftest import ROOT
 # Top-level definitions allowed to differ: the algorithm. Everything else must be identical.
 ALGORITHM = {"ALGO", "Args", "PAPER_OPTIMIZER_SETTINGS", "FIXED_SETTINGS", "algo_errors", "pfrl_init", "nature_convolutions",
              "QNetwork", "DuelingNetwork", "IQNNetwork", "make_network", "default_me_coef", "td_error_loss", "td_loss",
-             "quantile_huber_loss", "iqn_loss", "update", "CenteredRMSprop", "make_optimizer"}
+             "quantile_huber_loss", "iqn_loss", "taken", "LOSS", "update", "CenteredRMSprop", "make_optimizer"}
 SHARED = {"make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffer", "action_gap", "linear_schedule",
           "discounted_returns", "episode_statistics", "evaluate", "EVAL_STATISTICS", "crossed", "main", "LoopState", "Parts",
           "train", "act", "record_episodes", "learn", "log_training", "periodic_evaluation", "final_evaluation",

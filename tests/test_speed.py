@@ -35,13 +35,11 @@ def losses(script, args, data, fast_optimizer, compiled):
     else:  # plain PyTorch: Adam's loop over the parameters
         optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.optimizer_eps)
     assert bool(optimizer.defaults["fused"]) == fast_optimizer
-    if compiled:
-        network.compile(dynamic=False)
-        target.compile(dynamic=False)
+    loss_fn = torch.compile(script.LOSS, dynamic=False) if compiled else script.LOSS  # as main() compiles it
     out = []
     for i, batch in enumerate(data):
         torch.manual_seed(100 + i)  # IQN samples its quantile levels: the same ones on both paths
-        out.append(script.update(network, target, optimizer, batch, args)[0].item())
+        out.append(script.update(network, target, optimizer, batch, args, loss_fn)[0].item())
     return np.array(out), network.state_dict()
 
 
@@ -53,7 +51,8 @@ def test_fused_adam_and_compile_give_the_plain_losses(script):
     data = batches(script, 12)
     plain, plain_weights = losses(script, args, data, fast_optimizer=False, compiled=False)
     fused, fused_weights = losses(script, args, data, fast_optimizer=True, compiled=False)
-    fast, _ = losses(script, args, data, fast_optimizer=True, compiled=True)
+    with torch._inductor.config.patch(fallback_random=True):  # IQN's taus: compiled code draws PyTorch's own numbers
+        fast, _ = losses(script, args, data, fast_optimizer=True, compiled=True)
     torch.manual_seed(0)
     start = script.make_network(args, 18, 18.0).state_dict()  # the weights all three paths started from
     moved = max((plain_weights[name] - start[name]).abs().max().item() for name in start)
@@ -112,3 +111,42 @@ def test_benchmark_refuses_bad_flags_before_measuring(tmp_path, flags, message):
     proc = subprocess.run([*BENCH, "--quick", "--no-cuda", *flags], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert existing.read_text() == "{}"  # nothing overwritten
+
+
+GPU_CHECK = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py")]
+
+
+def test_the_gpu_checks_dry_run_runs_every_phase_on_the_cpu_and_writes_its_results(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: the GPU check's phases on the CPU at tiny sizes, so that a GPU's minutes go to
+    measuring. Under load a phase may run out of its time (its deadline stops it), but none may fail."""
+    start = time.time()
+    proc = subprocess.run([*GPU_CHECK, "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.time() - start < 300  # the budget is 240 s of phases; about 90 s on 2 quiet cores
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {"device", "cpu", "versions", "date", "command", "phases", "dry_run", "seconds"} <= set(result)
+    assert result["dry_run"] is True and result["versions"]["torch"] == torch.__version__
+    phases = {p["name"]: p for p in result["phases"]}
+    assert list(phases) == ["parts", "dqn_1env", "iqn_1env", "concurrent", "lunar", "profile", "tests", "envs"]
+    assert all(p["status"] in ("ok", "out of time") for p in phases.values()), {n: p.get("error") for n, p in phases.items()}
+    if phases["parts"]["status"] == "ok":
+        assert [r["algo"] for r in phases["parts"]["results"]] == ["dqn", "iqn"]
+        assert all(r["env_sps"] > 0 and r["update_ms"] > r["sample_ms"] > 0 for r in phases["parts"]["results"])
+    speed = [r for name in ("dqn_1env", "iqn_1env", "concurrent", "envs") for r in phases[name]["results"]]
+    assert speed and all(r["updates_per_step"] == pytest.approx(0.25, abs=0.01) for r in speed)  # the paper's ratio
+    assert all(r["total_training_sps"] == pytest.approx(sum(r["per_run_training_sps"])) for r in speed)
+    if phases["tests"]["status"] == "ok":
+        tests = phases["tests"]["results"][0]
+        assert tests["returncode"] == 0 and tests["failed"] == [] and len(tests["passed"]) >= 5
+    if phases["profile"]["status"] == "ok":
+        assert (tmp_path / "profile.txt").exists() and len(phases["profile"]["results"]) == 25
+    if phases["lunar"]["status"] == "ok":
+        assert phases["lunar"]["results"][0]["device"] == "cpu" and phases["lunar"]["results"][0]["training_sps"] > 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| algo | envs | runs at once | mode |" in table and "- tests: " in table
+
+
+def test_the_gpu_check_without_a_gpu_asks_for_the_dry_run(tmp_path):
+    proc = subprocess.run([*GPU_CHECK, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device here: use --dry-run" in proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
