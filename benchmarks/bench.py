@@ -37,6 +37,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dqn_meanexp_sweep  # noqa: E402  (machine(): the CPU's model for a result file)
 
 
 def env_rate(script, args, steps: int) -> float:
@@ -299,7 +300,8 @@ def write_results(path: str, device: torch.device, quick: bool, rows: list):
         "command": " ".join(["python", os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gymnasium.__version__,
                      "ale_py": ale_py.__version__, "numpy": np.__version__, "cuda": torch.version.cuda},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": dqn_meanexp_sweep.machine(), "platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
                     "quick": quick},
         "rows": rows,
     }

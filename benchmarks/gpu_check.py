@@ -47,6 +47,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dqn_meanexp_sweep  # noqa: E402  (machine(): the CPU's model and cores)
 from benchmarks import bench  # noqa: E402
 
 PHASES = ("parts", "dqn_1env", "iqn_1env", "concurrent", "lunar", "profile", "tests", "envs")
@@ -275,8 +276,7 @@ def machine_line() -> dict:
     import ale_py
     import gymnasium
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = dqn_meanexp_sweep.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"device": gpu or f"cpu ({cpu})", "cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,

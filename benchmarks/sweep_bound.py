@@ -25,7 +25,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import sys
 import time
 
@@ -163,6 +162,6 @@ if __name__ == "__main__":
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmarks/sweep_bound.py " + " ".join(
-                sys.argv[1:]), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                sys.argv[1:]), "machine": dqn_meanexp_sweep.machine(),
                 "torch": torch.__version__, "members": args.members, "costs_seconds": cost, "gemm_gflops": gemm,
                 **result}, f, indent=2)

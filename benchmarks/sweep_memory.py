@@ -11,7 +11,6 @@ memory every 500 steps; a worker of the real sweep holds 35 members and 99,000 u
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -65,9 +64,12 @@ def main():
     if args.json:
         import torch
 
+        sys.path.insert(0, ROOT)
+        from dqn_meanexp_sweep import machine
+
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/sweep_memory.py " + " ".join(
-                sys.argv[1:]), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                sys.argv[1:]), "machine": machine(),
                 "torch": torch.__version__, "rows": rows}, f, indent=2)
 
 

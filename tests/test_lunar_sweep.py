@@ -102,6 +102,11 @@ def test_each_member_of_a_population_is_its_single_run(in_tmp):
             assert got["overestimation"] == pytest.approx(want["overestimation"], rel=1e-5, abs=1e-6)
 
 
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+
+
 def write_run(folder, k, seed, scores, steps=(0, 10, 20), gap=0.5, over=1.0, name=None, **flags):
     rows = [{"step": s, "mean": float(v), "overestimation": over, "normalized_overestimation": over / 2,
              "action_gap": None if s == 0 else gap} for s, v in zip(steps, scores)]
@@ -169,6 +174,7 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     assert record["flop"] == 2 * 201 * 3 * 2 * 128 * (8 * 256 + 256 * 256 + 256 * 4)  # 2 members, updates at 200..400
     assert record["ratio_to_floor"] == pytest.approx(record["wall_seconds"] / record["floor_seconds"])
     assert record["gemm_gflops_before"] > 0
+    assert record["machine"] == f"{cpu_model()}, {os.cpu_count()} cores"  # bit-equality holds per CPU model (issue 31)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     assert record["code"].split()[0] == head  # the commit the part ran, for the committed results
     assert set(record["workers_detail"][0]["phases"]) == {"act", "env", "update", "evaluate"}

@@ -82,6 +82,7 @@ def test_quick_benchmark_writes_the_documented_json_with_concurrent_runs(tmp_pat
     assert result["device"].startswith("cpu") and result["date"] == time.strftime("%Y-%m-%d")
     assert result["command"] == f"python benchmarks/bench.py --quick --no-cuda --concurrent 1 2 --json {out}"
     assert result["versions"]["torch"] == torch.__version__ and result["versions"]["cuda"] is None
+    assert result["machine"]["cpu"].endswith(f", {os.cpu_count()} cores")  # the CPU model: bit-equality holds per model
     rows = result["rows"]
     assert [(r["algo"], r["num_envs"], r["concurrent_runs"]) for r in rows] == [
         ("dqn", 1, 1), ("dqn", 1, 2), ("iqn", 1, 1), ("iqn", 1, 2)]
