@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dqn_atari_meanexp import ReplayBuffer, atomic_save  # noqa: E402
+from dqn_atari_meanexp import ReplayBuffer  # noqa: E402
+from longrun import atomic_save  # noqa: E402
 
 
 def rss_bytes() -> int:

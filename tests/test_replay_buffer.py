@@ -1,10 +1,16 @@
 """The frame-once replay buffer gives back exactly the stacks the environments produced."""
 
+import json
+import os
+import subprocess
+import sys
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from dqn_atari_meanexp import Args, ReplayBuffer, make_train_envs
 
 STACK = 4
@@ -142,3 +148,16 @@ def test_sampling_before_any_transition_is_an_error():
     rb.start_episodes(np.zeros((1, 84, 84), np.uint8))
     with pytest.raises(RuntimeError, match="no complete transition"):
         rb.sample(4)
+
+
+def test_the_memory_benchmark_fills_a_buffer_and_round_trips_it_through_a_checkpoint(tmp_path):
+    """benchmarks/replay_memory.py (benchmarks/README.md's replay memory tables) runs, on a small buffer: the ring's
+    memory is resident from the start, and the buffer written as a checkpoint reads back equal."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "replay_memory.py"), "--buffer-size", "20000",
+                           "--num-envs", "2", "--checkpoint", str(tmp_path / "replay.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["bytes_needed"] == ReplayBuffer.bytes_needed(20000, 2) == 20000 * 7065
+    assert result["rss_growth_bytes"] >= 0.95 * result["bytes_needed"] and result["loaded_equal"] is True
+    assert not (tmp_path / "replay.pt").exists()  # the benchmark deletes what it wrote
