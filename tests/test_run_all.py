@@ -426,3 +426,16 @@ def test_track_puts_the_whole_batch_in_one_wandb_group_the_same_on_the_next_call
     assert set(re.findall(r"--wandb-group (\S+)", other)) != groups
     mine = run_all(tmp_path, *args, "--wandb-group", "campaign").stdout  # a group given after -- is kept
     assert set(re.findall(r"--wandb-group (\S+)", mine)) == {"campaign"}
+
+
+def test_run_all_names_the_scripts_exit_codes_and_lock_file_as_longrun_py_does():
+    """run_all.sh is bash and cannot import longrun.py, so it repeats the scripts' exit codes and the run directory's
+    lock file name (issue 32): here they are checked against longrun.py, every one of them."""
+    import longrun
+
+    with open(RUN_ALL) as f:
+        text = f.read()
+    codes = {name: int(value) for name, value in re.findall(r"^(EXIT_[A-Z_]+)=(\d+)", text, re.MULTILINE)}
+    assert codes == {name: getattr(longrun, name) for name in codes}
+    assert set(codes) == {"EXIT_REQUEUE", "EXIT_INTERRUPTED", "EXIT_NON_FINITE", "EXIT_STORAGE"}
+    assert f'[ -f "$1/{longrun.LOCK}" ]' in text  # lock_holder looks for the lock file the scripts take
