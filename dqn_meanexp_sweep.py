@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 import dqn_meanexp
-from benchmarks.gemm import gemm_gflops
 
 AUTHORS_KS = (0, 1, 4, 16, 32, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # plot_lunar_lander.py's
 CURVE_KS = (0, 16, 32, 256, 2048, 8192, 16384, 32768)  # the k whose score curves its figure draws (params_to_plot)
@@ -305,6 +304,19 @@ def machine() -> str:
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model}, {os.cpu_count()} cores"
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """The machine's matrix-multiply rate, for a part's floor: the best of `repeats` n x n float32 products (2 n^3 FLOP
+    each) on all of torch's threads, after one to warm up (`python benchmarks/gemm.py` prints it)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
 
 
 def code_version() -> Optional[str]:

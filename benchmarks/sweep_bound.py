@@ -35,7 +35,6 @@ from torch.profiler import profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dqn_meanexp  # noqa: E402
 import dqn_meanexp_sweep  # noqa: E402
-from benchmarks.gemm import gemm_gflops  # noqa: E402
 from benchmarks.lunar_eval_step import us_per_call  # noqa: E402
 
 REPEATS = 3
@@ -155,7 +154,7 @@ if __name__ == "__main__":
     if not os.path.isdir(os.path.join(args.folder, "parts")):
         sys.exit(f"error: no part records under {os.path.join(args.folder, 'parts')}")
     counts = sweep_counts(args.folder)
-    gemm = gemm_gflops()  # on all threads, as the parts measured it, before measure() takes one
+    gemm = dqn_meanexp_sweep.gemm_gflops()  # on all threads, as the parts measured it, before measure() takes one
     cost = measure(args.members, args.calls)
     result = bound(counts, cost)
     print(markdown(result, cost, args.members, gemm), end="")
