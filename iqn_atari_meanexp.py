@@ -651,6 +651,8 @@ class Parts:
 
 def main(args: Args):
     """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
+    # TF32 from --tf32 in matmuls and convolutions alike (PyTorch's own default: in cuDNN's convolutions only)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.eval_model is not None:
         return longrun.evaluate_saved_model(args, EXPERIMENT)  # no training: --eval-model
     run = longrun.Run.start(args, EXPERIMENT)  # checks, seeds, device, |A| and k, run directory, TensorBoard, signals

@@ -124,25 +124,36 @@ def lock_run_dir(run_dir: str, wait_seconds: float = 2.0):
     is ending): exits with code 2, naming it as the lock file does. Returns the open lock file, which must stay open;
     name_holder() writes this process into it once the run writes anything (a refused command changes nothing)."""
     lock = open(os.path.join(run_dir, LOCK), "a+")  # creates it where missing (a run from before the lock)
+    try:
+        taken = flock_within(lock, wait_seconds)
+    except OSError as e:  # a filesystem without flock: NFS with local_lock=none, Lustre mounted without -o flock
+        print(f"warning: {run_dir}: this filesystem does not lock files ({e}): nothing keeps a second process out "
+              "of this run directory (docs/long-runs.md, 'One process per run')", file=sys.stderr)
+        return lock
+    if not taken:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not written its name yet"
+        fail([f"{run_dir} is in use by another process ({holder}): one process per run directory. Let it finish, "
+              f"or stop it (it checkpoints on SIGTERM), then --resume {run_dir}; nothing was written"])
+    HELD_LOCKS.add(lock)  # forked env workers close their copy (leave_signals_to_main_process)
+    return lock
+
+
+def flock_within(lock, wait_seconds: float, waiting: Optional[str] = None) -> bool:
+    """Takes an exclusive flock on the open file `lock`, trying every 0.1 s for up to wait_seconds (printing `waiting`
+    once where it must wait). False where another process still holds it; OSError where the filesystem has no locks."""
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
+            return True
         except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.1)
-                continue
-            lock.seek(0)
-            holder = lock.read().strip() or "a process that has not written its name yet"
-            fail([f"{run_dir} is in use by another process ({holder}): one process per run directory. Let it finish, "
-                  f"or stop it (it checkpoints on SIGTERM), then --resume {run_dir}; nothing was written"])
-        except OSError as e:  # a filesystem without flock: NFS with local_lock=none, Lustre mounted without -o flock
-            print(f"warning: {run_dir}: this filesystem does not lock files ({e}): nothing keeps a second process out "
-                  "of this run directory (docs/long-runs.md, 'One process per run')", file=sys.stderr)
-            return lock
-    HELD_LOCKS.add(lock)  # forked env workers close their copy (leave_signals_to_main_process)
-    return lock
+            if time.monotonic() > deadline:
+                return False
+            if waiting:
+                print(waiting, flush=True)
+                waiting = None
+            time.sleep(0.1)
 
 
 def name_holder(lock):
@@ -344,7 +355,6 @@ class Run:
             self.write_config()  # the resume is recorded now that the run really goes on
         else:
             self.checkpoint(state, p)  # a run killed before its first periodic checkpoint can still be resumed
-        self.memory_taken()  # in case the script has not said so
         self.progress = Progress(self.args, state.global_step, time.time())
         return state
 
@@ -456,7 +466,6 @@ class Run:
                 print(f"warning: closing the TensorBoard log failed ({e})", file=sys.stderr)
         if self.lock is not None:
             self.lock.close()  # closing the file drops its flock
-        self.memory_taken()
 
     def exit_for_requeue(self, signum, frame=None):
         """After a checkpoint: says how to continue, then exits: 130 after Ctrl-C, else the code a batch system requeues on."""
@@ -615,13 +624,11 @@ def actions_and_coef(args, x: Experiment) -> tuple:
 
 
 def seed_and_device(args) -> torch.device:
-    """Seeds Python's, NumPy's and PyTorch's generators; sets cuDNN's determinism and TF32 (--tf32; PyTorch's own default
-    is TF32 in convolutions and not in matmuls); the device: CUDA where there is one and --cuda."""
+    """Seeds Python's, NumPy's and PyTorch's generators; the device: CUDA where there is one and --cuda."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # set, not PyTorch's mixed default
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
@@ -658,19 +665,9 @@ def take_memory_lock(wait_seconds: float = 600.0):
             lock = open(MEMORY_LOCK, "a+")
         except PermissionError:  # made by another user: a lock needs only a file open for reading
             lock = open(MEMORY_LOCK)
-        deadline, said = time.monotonic() + wait_seconds, False
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    lock.close()
-                    raise OSError(f"another run has held it for {wait_seconds:.0f} s")
-                if not said:
-                    print(f"waiting for another run on this machine to take its memory ({MEMORY_LOCK})", flush=True)
-                    said = True
-                time.sleep(0.1)
+        if not flock_within(lock, wait_seconds, f"waiting for another run on this machine to take its memory ({MEMORY_LOCK})"):
+            lock.close()
+            raise OSError(f"another run has held it for {wait_seconds:.0f} s")
     except OSError as e:
         print(f"warning: {MEMORY_LOCK}: {e}; the memory check goes on without counting runs starting at the same time",
               file=sys.stderr)

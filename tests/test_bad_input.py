@@ -118,11 +118,13 @@ def test_a_refused_run_lets_go_of_the_memory_lock(in_tmp, capsys, monkeypatch):
     fcntl.flock(open(in_tmp / "memory.lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run would not wait
 
 
-def test_tf32_is_set_from_the_flag_not_left_to_pytorch():
-    """PyTorch's own default is TF32 in cuDNN's convolutions and not in matmuls; the scripts set both from --tf32."""
+@pytest.mark.parametrize("script", [dqn, iqn], ids=["dqn", "iqn"])
+def test_tf32_is_set_from_the_flag_not_left_to_pytorch(in_tmp, capsys, script):
+    """PyTorch's own default is TF32 in cuDNN's convolutions and not in matmuls; main() sets both from --tf32, first
+    (here a bad --buffer-size then stops the run)."""
     try:
         for flags, expected in (([], False), (["--tf32"], True)):
-            longrun.seed_and_device(dqn.parse_args(flags))
+            run_main(in_tmp, [*flags, "--buffer-size", "0"], capsys, script)
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (expected, expected)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
