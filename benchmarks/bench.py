@@ -7,7 +7,8 @@
 
 For each algorithm and number of envs it measures, on the device the scripts would use:
 - env-only rate: random actions through the scripts' own env stack (make_train_envs): the limit;
-- ms per action choice (one forward pass for all envs), per replay sample, per update (sample + gradient step);
+- ms per action choice (one forward pass for all envs), per replay sample, per update (sample + gradient step), and on
+  a GPU the time an update's kernels take on it (update_kernel_ms);
 - the rate those allow: 1 / (env time + acting time / envs + update time / train frequency), per agent step;
 - the training-phase rate of the real script (its main() in a subprocess, after learning starts,
   evaluation off), read from the wall times of its TensorBoard points, and its share of the rate allowed;
@@ -96,9 +97,10 @@ def component_times(script, args, device, repeats: int) -> dict:
     n_actions = 18
     network = script.make_network(args, n_actions, float(n_actions)).to(device)
     target, optimizer = copy.deepcopy(network), script.make_optimizer(args, network)
-    if args.compile:  # as the scripts do
-        network.compile(dynamic=False)
-        target.compile(dynamic=False)
+    loss_fn = script.LOSS
+    if args.compile:  # as the scripts' main() compiles: the whole loss, and acting
+        loss_fn = torch.compile(script.LOSS, dynamic=False, mode=args.compile_mode)
+        network.q_values = torch.compile(network.q_values, dynamic=False, mode=args.compile_mode)
     rb = script.ReplayBuffer(20_000, args.num_envs, device, seed=0)
     frames = np.random.default_rng(0).integers(0, 256, (args.num_envs, 84, 84), dtype=np.uint8)
     zeros = np.zeros(args.num_envs)
@@ -112,14 +114,28 @@ def component_times(script, args, device, repeats: int) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    def update():
+        return script.update(network, target, optimizer, rb.sample(args.batch_size), args, loss_fn)
+
     result = {
         "act_ms": 1e3 * timed(act, repeats * 5, device),
         "sample_ms": 1e3 * timed(lambda: rb.sample(args.batch_size), repeats * 5, device),
-        "update_ms": 1e3 * timed(lambda: script.update(network, target, optimizer, rb.sample(args.batch_size), args),
-                                 repeats, device),
+        "update_ms": 1e3 * timed(update, repeats, device),
     }
+    result["update_kernel_ms"] = kernel_ms(update, repeats) if device.type == "cuda" else None
     result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return result
+
+
+def kernel_ms(fn, repeats: int) -> float:
+    """GPU time the kernels of one call of fn take (PyTorch's profiler): set against the call's wall time, whether the
+    GPU or the launching of its kernels sets the pace."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    return sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e3 / repeats
 
 
 def start_training(algo: str, flags: list, threads: int, learning_starts: int, train_steps: int, log_interval: int) -> dict:

@@ -25,7 +25,6 @@ each phase), gpu_check.md (the table), tests.log and profile.txt.
 """
 
 import argparse
-import copy
 import glob
 import importlib
 import io
@@ -187,9 +186,9 @@ class Check:
             cv2.setNumThreads(threads)
             times = bench.component_times(script, args, torch.device(self.device), repeats=3 if self.args.dry_run else 30)
             allowed = 1 / (1 / env_sps + times["act_ms"] / 1e3 + times["update_ms"] / 1e3 / args.train_frequency)
-            kernels = kernel_ms_per_update(script, args) if self.device == "cuda" else None
+            kernels = times["update_kernel_ms"]
             record["results"].append({"algo": algo, "env_sps": env_sps, "env_sps_one_cv2_thread": env_sps_one_cv2_thread,
-                                      "cv2_threads": threads, **times, "allowed_sps": allowed, "update_kernel_ms": kernels})
+                                      "cv2_threads": threads, **times, "allowed_sps": allowed})
             print(f"   {algo}: env-only {env_sps:,.0f} SPS ({env_sps_one_cv2_thread:,.0f} with one OpenCV thread), act "
                   f"{times['act_ms']:.2f} ms, sample {times['sample_ms']:.2f} ms, update {times['update_ms']:.2f} ms"
                   f"{'' if kernels is None else f' ({kernels:.2f} ms of it in GPU kernels)'}: {allowed:,.0f} SPS allowed",
@@ -248,29 +247,6 @@ class Check:
         }
         for name in self.args.phases:
             self.phase(name, limits[name], bodies[name])
-
-def kernel_ms_per_update(script, args, updates: int = 10) -> float:
-    """GPU time an update's kernels take, from PyTorch's profiler: against the update's wall time, whether the GPU or
-    the launching of its kernels sets the pace."""
-    device = torch.device("cuda")
-    network = script.make_network(args, 18, 18.0).to(device)
-    target, optimizer = copy.deepcopy(network), script.make_optimizer(args, network)
-    rb = script.ReplayBuffer(4_000, 1, device, seed=0)
-    rng = np.random.default_rng(0)
-    for i in range(3_000):
-        rb.add(rng.integers(0, 256, (1, 84, 84), dtype=np.uint8), np.array([i == 0]), np.zeros(1), np.zeros(1),
-               np.zeros(1, bool), np.zeros(1, bool))
-    for _ in range(3):
-        script.update(network, target, optimizer, rb.sample(args.batch_size), args)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(updates):
-            script.update(network, target, optimizer, rb.sample(args.batch_size), args)
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    total_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-    return total_us / 1e3 / updates
-
 
 def machine_line() -> dict:
     import ale_py

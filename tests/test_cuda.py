@@ -90,19 +90,23 @@ def test_a_model_trained_on_the_device_plays_on_the_cpu(tmp_path):
     assert result["episodes"] == 2 and np.isfinite(result["mean"]) and "evaluation of runs/m" in proc.stdout
 
 
-def replay_batch(script, device, seed=0):
-    """A batch of random frames, sampled by the script's replay buffer on `device`."""
+def random_replay(script, device, seed=0):
+    """The script's replay buffer on `device`, holding 300 random frames in episodes of 50."""
     rb = script.ReplayBuffer(400, 1, torch.device(device), seed=seed)
     rng = np.random.default_rng(seed)
     for i in range(300):
         rb.add(rng.integers(0, 256, (1, 84, 84), dtype=np.uint8), np.array([i % 50 == 0]), rng.integers(18, size=1),
                rng.integers(-1, 2, size=1), np.array([i % 50 == 49]), np.zeros(1, bool))
-    return rb.sample(32)
+    return rb
+
+
+def replay_batch(script, device, seed=0):
+    return random_replay(script, device, seed).sample(32)
 
 
 @pytest.fixture
 def float32_on_cuda():
-    """TF32 off in matmuls and convolutions (the scripts' default, --tf32 off), as the run's seed_and_device sets it."""
+    """TF32 off in matmuls and convolutions (the scripts' default, --tf32 off), as the scripts' main() sets it."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
@@ -181,11 +185,7 @@ def test_learning_never_waits_for_the_gpu(algo, flags):
     args = script.parse_args(flags)
     device = torch.device("cuda")
     network = script.make_network(args, 18, 18.0).to(device)
-    rb = script.ReplayBuffer(400, 1, device, seed=0)
-    rng = np.random.default_rng(0)
-    for i in range(300):
-        rb.add(rng.integers(0, 256, (1, 84, 84), dtype=np.uint8), np.array([i == 0]), rng.integers(18, size=1),
-               rng.integers(-1, 2, size=1), np.array([False]), np.zeros(1, bool))
+    rb = random_replay(script, device)
     parts = script.Parts(network, copy.deepcopy(network), script.make_optimizer(args, network), rb, envs=None, eval_env=None,
                          rng=None, eval_rng=None, loss_fn=script.LOSS)
     state = script.LoopState(obs=None, starting=None, sums=torch.zeros(3, device=device),

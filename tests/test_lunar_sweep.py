@@ -80,7 +80,8 @@ def batched_arithmetic_rounds_as_plain():
 def test_each_member_of_a_population_is_its_single_run(in_tmp):
     exact = batched_arithmetic_rounds_as_plain()
     # cuda=False: the population runs on the CPU, so must its members' single runs, GPU or not (issue 33)
-    settings = dict(total_timesteps=800 if exact else 330, learning_starts=300, eval_interval=400, eval_episodes=2, cuda=False)
+    settings = dict(total_timesteps=800 if exact else 330, learning_starts=300, eval_interval=400, eval_episodes=2,
+                    cuda=False)
     pop = sweep.Population(dqn.Args(**settings), MEMBERS, compile=False)
     evaluations, clock = sweep.train(pop)
     assert set(clock) == {"act", "env", "update", "evaluate"}
