@@ -437,16 +437,29 @@ class ReplayBuffer:
         self.cursor, self.filled = state["cursor"], state["filled"]
         self.rng.bit_generator.state = state["rng"]
 
-    def sample(self, batch_size: int) -> Batch:
+    def draw(self, n: int, rng: np.random.Generator) -> tuple:
+        """(env, slot) of n transitions drawn uniformly, with replacement, among the valid ones, from rng."""
         if not self.valid.any():
             raise RuntimeError("the replay buffer holds no complete transition yet")
-        env = self.rng.integers(self.num_envs, size=batch_size)
-        slot = self.rng.integers(self.filled, size=batch_size)
+        env = rng.integers(self.num_envs, size=n)
+        slot = rng.integers(self.filled, size=n)
         bad = ~self.valid[env, slot]
         while bad.any():  # rejection sampling keeps the draw uniform over valid transitions
-            env[bad] = self.rng.integers(self.num_envs, size=bad.sum())
-            slot[bad] = self.rng.integers(self.filled, size=bad.sum())
+            env[bad] = rng.integers(self.num_envs, size=bad.sum())
+            slot[bad] = rng.integers(self.filled, size=bad.sum())
             bad = ~self.valid[env, slot]
+        return env, slot
+
+    def sample_states(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        """The observations (4-frame stacks) of n transitions drawn from rng: the states the action-gap statistic
+        measures. A plain copy, not the pinned pairs of sample(): it runs once per target sync."""
+        env, slot = self.draw(n, rng)
+        back = np.minimum(self._stack_back[None, :], self.history[env, slot][:, None])
+        rows = env[:, None] * self.slots + (slot[:, None] - back) % self.slots
+        return torch.from_numpy(self.frames.reshape(-1, *self.frames.shape[2:])[rows]).to(self.device)
+
+    def sample(self, batch_size: int) -> Batch:
+        env, slot = self.draw(batch_size, self.rng)
         # 5 frames a transition: its stack, then its next frame (the next stack is the stack moved on by one frame)
         back = np.minimum(self._stack_back[None, :], self.history[env, slot][:, None])  # (B, 4): the episode's start repeats
         rows = env[:, None] * self.slots + np.concatenate([slot[:, None] - back, slot[:, None] + 1], axis=1) % self.slots
@@ -518,13 +531,15 @@ LOSS = td_loss  # what update() minimizes (main compiles it with --compile)
 
 
 def update(q_network, target_network, optimizer, batch: Batch, args: Args, loss_fn=LOSS):
-    """One gradient step. Returns (loss, mean Q of the taken actions, action gap), all still on the device."""
+    """One gradient step. Returns (loss, mean Q of the taken actions, action gap, the Q values the authors' average_q
+    records: those of the taken actions, as PFRL's DQN), all still on the device."""
     loss, q = loss_fn(q_network, target_network, batch, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     q = q.detach()
-    return loss.detach(), q.gather(1, batch.actions[:, None]).mean(), action_gap(q)
+    q_taken = q.gather(1, batch.actions[:, None]).squeeze(1)
+    return loss.detach(), q_taken.mean(), action_gap(q), q_taken
 
 
 class CenteredRMSprop(torch.optim.Optimizer):
@@ -587,6 +602,42 @@ def episode_statistics(q, rewards, gamma: float, bootstrap: float) -> dict:
     return {"overestimation": error.mean(), "normalized_overestimation": error.mean() / abs(q.mean()), "mean_q": q.mean(),
             "mean_return": returns.mean(),  # the bootstrapped G_t the overestimation is measured against, mean over steps
             "mean_discounted_return": discounted_returns(rewards, gamma)[0]}  # G_0 without the bootstrap
+
+
+Q_RECORD = 1000  # the authors' average_q: the mean of the last 1,000 Q values of training batches
+
+
+@torch.no_grad()
+def measure_action_gap(network: nn.Module, rb: ReplayBuffer, n_states: int, rng: np.random.Generator) -> float:
+    """The authors' action gap, measured at every target sync: the mean over n_states replay states of (largest Q -
+    second largest Q), network in eval mode. Its states, and IQN's taus, come from rng: no training draw moves."""
+    obs = rb.sample_states(n_states, rng)
+    with torch.random.fork_rng():  # torch's generators (CPU, CUDA) are put back as they were afterwards
+        torch.manual_seed(int(rng.integers(2**63)))
+        network.eval()
+        gap = action_gap(network.q_values(obs))
+        network.train()
+    return gap.item()
+
+
+def record_q(state, values: torch.Tensor):
+    """Writes a training batch's Q values into the ring of the last Q_RECORD (on the device: no sync)."""
+    values = values[-Q_RECORD:]
+    slots = (state.q_recorded + torch.arange(len(values), device=values.device)) % Q_RECORD
+    state.q_record.index_copy_(0, slots, values.to(state.q_record.dtype))
+    state.q_recorded += len(values)
+
+
+def claim_statistics(state) -> dict:
+    """What the authors' agent writes into every evaluation row (docs/analysis.md): average_q (the last Q_RECORD
+    training-batch Q values), average_action_gap (the syncs' gaps since the last evaluation, then emptied) and
+    relative_action_gap = gap / (|average_q| + 1e-8). None where nothing was measured yet."""
+    n = min(state.q_recorded, Q_RECORD)
+    average_q = state.q_record[:n].double().mean().item() if n else None
+    gap = float(np.mean(state.gap_record)) if state.gap_record else None
+    state.gap_record = []
+    relative = gap / (abs(average_q) + 1e-8) if gap is not None and average_q is not None else None
+    return {"average_q": average_q, "average_action_gap": gap, "relative_action_gap": relative}
 
 
 EVAL_STATISTICS = ("overestimation", "normalized_overestimation", "mean_q", "mean_return", "mean_discounted_return")
@@ -682,6 +733,12 @@ class LoopState:
     best_score: float = -float("inf")  # the best periodic evaluation: the final evaluation plays its network
     best_state: Optional[dict] = None
     best_step: Optional[int] = None
+    # the authors' statistics (claim_statistics): a ring of the last Q_RECORD training-batch Q values, how many were
+    # written, the action gaps measured at the syncs since the last evaluation, and the generator their states come from
+    q_record: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(Q_RECORD))
+    q_recorded: int = 0
+    gap_record: list = dataclasses.field(default_factory=list)
+    gap_rng: np.random.Generator = dataclasses.field(default_factory=np.random.default_rng)
 
 
 @dataclass
@@ -723,7 +780,8 @@ def main(args: Args):
                   rng=np.random.default_rng(args.seed), eval_rng=eval_rng, loss_fn=loss_fn)
     obs, _ = envs.reset(seed=args.seed)
     state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=run.device),
-                      bad_step=torch.tensor(-1, device=run.device), update_origin=(args.learning_starts, 0))
+                      bad_step=torch.tensor(-1, device=run.device), update_origin=(args.learning_starts, 0),
+                      q_record=torch.zeros(Q_RECORD, device=run.device), gap_rng=np.random.default_rng([args.seed, 1]))
     if run.resumed is None:
         rb.start_episodes(obs[:, -1])
     state = run.begin(state, parts)  # a resumed run: the checkpoint's state; a new one: a first checkpoint
@@ -749,6 +807,9 @@ def train(args: Args, run: longrun.Run, p: Parts, state: LoopState):
         learn(args, p, state)
         if crossed(before, state.global_step, args.target_network_frequency):
             p.target_network.load_state_dict(p.q_network.state_dict())
+            n_states = min(4 * args.batch_size, args.target_network_frequency - 1)  # the authors' stat_batch_size
+            if n_states > 0 and p.rb.valid.any():
+                state.gap_record.append(measure_action_gap(p.q_network, p.rb, n_states, state.gap_rng))
         if crossed(before, state.global_step, args.log_interval):
             log_training(run, p, state, epsilon)
         if crossed(before, state.global_step, args.eval_interval):
@@ -785,8 +846,10 @@ def learn(args: Args, p: Parts, state: LoopState):
     if state.global_step <= origin_step:  # learning has not started yet
         return
     while state.updates < origin_updates + (state.global_step - origin_step) // args.train_frequency:
-        stats = torch.stack(update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args, p.loss_fn))
+        *losses, q_values = update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args, p.loss_fn)
+        stats = torch.stack(losses)
         state.sums += stats
+        record_q(state, q_values)
         first_bad = (state.bad_step < 0) & ~stats.isfinite().all()  # on the device: no sync
         state.bad_step = torch.where(first_bad, state.global_step, state.bad_step)
         state.updates += 1
@@ -821,11 +884,16 @@ def periodic_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState
     for key in EVAL_LOGGED:
         if result[key] is not None:  # None: no episode finished within --eval-steps
             run.writer.add_scalar(f"eval/{key}", result[key], state.global_step)
+    claims = claim_statistics(state)
+    for key, value in claims.items():
+        if value is not None:
+            run.writer.add_scalar(f"claims/{key}", value, state.global_step)
     if score > state.best_score:
         state.best_score, state.best_state, state.best_step = score, copy.deepcopy(p.q_network.state_dict()), state.global_step
     over = "n/a (no episode finished)" if result["overestimation"] is None else f"{result['overestimation']:.3f}"
+    gap = "n/a" if claims["relative_action_gap"] is None else f"{claims['relative_action_gap']:.4f}"
     print(f"evaluation {state.evaluations} at step {state.global_step:,}: mean score {score:.1f} over "
-          f"{len(result['scores'])} episodes, overestimation {over}")
+          f"{len(result['scores'])} episodes, overestimation {over}, relative action gap {gap}")
 
 
 def final_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState):

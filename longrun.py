@@ -368,7 +368,9 @@ class Run:
         copy_out = lambda t: t.to(self.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
         # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
         state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(state) if f.name in saved})
-        state.sums, state.bad_step = copy_out(state.sums), copy_out(state.bad_step)
+        for name, value in vars(state).items():  # the loop's tensors (sums, flags, records) back on the run's device
+            if isinstance(value, torch.Tensor):
+                setattr(state, name, copy_out(value))
         state.update_origin = tuple(state.update_origin)
         if state.best_state is not None:
             state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}

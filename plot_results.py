@@ -83,7 +83,11 @@ AGGREGATES = {  # rliable's estimators on a (seeds x games) matrix of human-norm
     "mean": metrics.aggregate_mean,
     "optimality_gap": metrics.aggregate_optimality_gap,
 }
-CURVE_TAGS = ("eval/episodic_return", "eval/overestimation", "eval/normalized_overestimation", "metrics/action_gap")
+CURVE_TAGS = ("eval/episodic_return", "eval/overestimation", "eval/normalized_overestimation", "metrics/action_gap",
+              "claims/relative_action_gap")
+# claims 2 and 3 as the authors' plotting/two_alg_aux.py computes them: per run, the mean over its evaluation rows of
+CLAIM_TAGS = {"relative_action_gap": "claims/relative_action_gap", "overestimation": "eval/overestimation"}
+AUTHORS_GAP_CLIP = (-20, 0.01)  # the authors clip each game's relative action gap increase to this range; we do not
 OVERESTIMATION = ("overestimation", "normalized_overestimation", "mean_q")  # of final_eval.json
 
 # The paper's rows by their settings (algo, network, optimizer, loss, k), in the order tables list them
@@ -309,6 +313,41 @@ def overestimation_rows(per_game: list) -> list:
             if len(values):
                 rows.append(dict(variant=variant, statistic=key, median_over_games=float(np.median(values)),
                                  mean_over_games=float(values.mean()), games=len(values)))
+    return rows
+
+
+def run_claims(run: Run) -> dict:
+    """One run's numbers for claims 2 and 3, as the authors' get_data: the mean over the run's evaluation rows (the
+    whole run, not its last evaluation) of the relative action gap and of the overestimation; None without rows."""
+    return {key: float(np.mean(run.curves[tag][1])) if len(run.curves[tag][1]) else None for key, tag in CLAIM_TAGS.items()}
+
+
+def claim_side(runs: list, key: str) -> tuple:
+    """(the mean over seeds of a run_claims number, how many runs have it): the authors' mean over their score files."""
+    values = [c[key] for c in map(run_claims, runs) if c[key] is not None]
+    return (float(np.mean(values)) if values else None), len(values)
+
+
+def claim_rows(variants: dict) -> list:
+    """claims.csv: per mean-expansion variant, baseline and game (both run), the authors' two per-game numbers:
+    relative action gap increase = variant - baseline; % decrease in overestimation = -(variant - baseline) /
+    (|baseline| + 1e-8) x 100. Empty where a side has no run with the statistic (runs older than it)."""
+    rows = []
+    for variant, baseline in comparisons(variants):
+        by_game = {name: collections.defaultdict(list) for name in (variant, baseline)}
+        for name in (variant, baseline):
+            for run in variants[name]:
+                by_game[name][run.game].append(run)
+        for game in sorted(by_game[variant].keys() & by_game[baseline].keys()):
+            row = dict(variant=variant, baseline=baseline, game=game)
+            for key in CLAIM_TAGS:
+                (v, v_runs), (b, b_runs) = (claim_side(by_game[name][game], key) for name in (variant, baseline))
+                row |= {f"variant_{key}": v, f"baseline_{key}": b, f"variant_{key}_runs": v_runs, f"baseline_{key}_runs": b_runs}
+            v, b = row["variant_relative_action_gap"], row["baseline_relative_action_gap"]
+            row["relative_action_gap_increase"] = v - b if v is not None and b is not None else None
+            v, b = row["variant_overestimation"], row["baseline_overestimation"]
+            row["overestimation_decrease_pct"] = -(v - b) / (abs(b) + 1e-8) * 100 if v is not None and b is not None else None
+            rows.append(row)
     return rows
 
 
@@ -579,6 +618,17 @@ def plot_relative_change(changes: dict, variant: str, baseline: str, path: str):
     save(fig, path)
 
 
+def plot_claim_bars(values: dict, ylabel: str, title: str, path: str):
+    """The authors' per-game bars (plotting/two_alg_aux.py): sorted, the smallest first."""
+    games = sorted(values, key=values.get)
+    fig, ax = plt.subplots(figsize=(max(7, 0.22 * len(games) + 2), 4))
+    ax.bar(games, [values[g] for g in games], color=["tab:red" if values[g] > 0 else "tab:gray" for g in games])
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(ylabel=ylabel, title=title)
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    save(fig, path)
+
+
 def plot_k_sensitivity(rows: list, path: str):
     """The authors' k figure: per game the AUC against k > 0 on a log axis, and its AUC at k = 0 as a dashed line of the
     game's colour (k = 0 has no place on a log axis); one panel per algorithm and settings."""
@@ -668,9 +718,49 @@ def missing_data(variants: dict, all_games: list, aggregate_notes: dict, curve_n
             if run.final is None:
                 lines.append(f"{name}, {run.game}, seed {run.seed}: unfinished (no final_eval.json; last logged step "
                              f"{run.last_step:,}): in the curves, not in the final scores ({run.path})")
+            if run_claims(run)["relative_action_gap"] is None:
+                lines.append(f"{name}, {run.game}, seed {run.seed}: no relative action gap (no claims/ point: a run older "
+                             f"than the statistic, or no evaluation yet): left out of the claims section ({run.path})")
         lines += [f"{name}, final-score aggregate: {note}" for note in aggregate_notes.get(name, [])]
         lines += [f"{name}, IQM curve: {note}" for note in curve_notes.get(name, [])]
     lines += [f"not read: {p}" for p in problems]
+    return lines
+
+
+def significant(value) -> str:
+    return "missing" if value is None else f"{value:.4g}"
+
+
+def claims_report(rows: list) -> list:
+    """report.md's section on claims 2 and 3, computed as the authors compute them, one table per comparison."""
+    lines = ["## Claims 2 and 3: relative action gap and overestimation (the authors' computation)", "",
+             "As the authors' plotting/two_alg_aux.py: per run, the mean over all its evaluation rows of the relative action "
+             "gap (`claims/relative_action_gap`: the gap measured at target syncs / (|mean training-batch Q| + 1e-8)) and "
+             "of the evaluation's overestimation (`eval/overestimation`); per game, the mean over seeds. Increase: variant - "
+             "baseline (unclipped; the authors' figure clips it to "
+             f"{AUTHORS_GAP_CLIP}). % decrease in overestimation: -(variant - baseline) / (|baseline| + 1e-8) x 100. "
+             "`missing`: no run of that side has the statistic (runs older than it). Every number: `claims.csv`.", ""]
+    if not rows:
+        return lines + ["No game has runs of a mean-expansion variant and its baseline: nothing to compare.", ""]
+    for variant, baseline in dict.fromkeys((r["variant"], r["baseline"]) for r in rows):
+        pair = [r for r in rows if (r["variant"], r["baseline"]) == (variant, baseline)]
+        gaps = [r["relative_action_gap_increase"] for r in pair if r["relative_action_gap_increase"] is not None]
+        over = [r["overestimation_decrease_pct"] for r in pair if r["overestimation_decrease_pct"] is not None]
+        summary = []
+        if gaps:
+            summary.append(f"relative action gap larger on {sum(g > 0 for g in gaps)} of {len(gaps)} games (median increase "
+                           f"{np.median(gaps):.4g})")
+        if over:
+            summary.append(f"overestimation smaller on {sum(o > 0 for o in over)} of {len(over)} games (median decrease "
+                           f"{np.median(over):.3g}%)")
+        cells = [{"game": r["game"], "gap, variant": significant(r["variant_relative_action_gap"]),
+                  "gap, baseline": significant(r["baseline_relative_action_gap"]),
+                  "gap increase": significant(r["relative_action_gap_increase"]),
+                  "overestimation, variant": significant(r["variant_overestimation"]),
+                  "overestimation, baseline": significant(r["baseline_overestimation"]),
+                  "% decrease": significant(r["overestimation_decrease_pct"])} for r in pair]
+        lines += [f"### {variant} vs {baseline}", "", ("; ".join(summary) or "no game has both statistics on both sides") + ".",
+                  "", markdown_table(cells, list(cells[0])), ""]
     return lines
 
 
@@ -737,6 +827,10 @@ GAME_COLUMNS = ["variant", "algo", "me_coef", "game", "seeds", "n_seeds", "mean"
                 "human_score", *OVERESTIMATION]
 AGGREGATE_COLUMNS = ["variant", "algo", "me_coef", "metric", "value", "ci_low", "ci_high", "games", "seeds"]
 OVERESTIMATION_COLUMNS = ["variant", "statistic", "median_over_games", "mean_over_games", "games"]
+CLAIM_COLUMNS = ["variant", "baseline", "game", "variant_relative_action_gap", "baseline_relative_action_gap",
+                 "relative_action_gap_increase", "variant_overestimation", "baseline_overestimation",
+                 "overestimation_decrease_pct", "variant_relative_action_gap_runs", "baseline_relative_action_gap_runs",
+                 "variant_overestimation_runs", "baseline_overestimation_runs"]
 K_SENSITIVITY_COLUMNS = ["algo", "network", "optimizer", "loss", "game", "k", "me_coef", "seeds", "n_seeds", "points",
                          "first_step", "last_step", "longest_step", "auc", "seed_auc_se"]
 
@@ -776,6 +870,8 @@ def main(args: Args):
     write_csv(os.path.join(args.out_dir, "aggregate.csv"), aggregates, AGGREGATE_COLUMNS)
     overestimation = overestimation_rows(per_game)
     write_csv(os.path.join(args.out_dir, "overestimation.csv"), overestimation, OVERESTIMATION_COLUMNS)
+    claims = claim_rows(variants)
+    write_csv(os.path.join(args.out_dir, "claims.csv"), claims, CLAIM_COLUMNS)
     sweeps, sweep_notes = k_sensitivity(runs, game_scores)
     write_csv(os.path.join(args.out_dir, "k_sensitivity.csv"), sweeps, K_SENSITIVITY_COLUMNS)
 
@@ -793,7 +889,8 @@ def main(args: Args):
     figures.append(("per_game_curves.png", "Evaluation score (raw game score) of every game vs agent steps."))
     plot_across_games(variants, "metrics/action_gap", "action gap (largest Q - second largest Q)",
                       os.path.join(args.out_dir, "action_gap.png"))
-    figures.append(("action_gap.png", "Action gap vs agent steps (the paper's claim 2: larger with mean-expansion)."))
+    figures.append(("action_gap.png", "Our absolute action gap (every training batch) vs agent steps; the authors' relative "
+                    "gap for claim 2 is in the claims section and its figures."))
     plot_across_games(variants, "eval/overestimation", "overestimation (predicted Q - discounted return)",
                       os.path.join(args.out_dir, "overestimation.png"))
     figures.append(("overestimation.png", "Overestimation on evaluation episodes vs agent steps (claim 3: less with mean-expansion)."))
@@ -812,6 +909,18 @@ def main(args: Args):
             name = f"relative_change_{slug(variant)}_vs_{slug(baseline)}.png"
             plot_relative_change(changes, variant, baseline, os.path.join(args.out_dir, name))
             figures.append((name, f"Per game, {variant} against {baseline} on the final evaluation ({len(changes)} games with both)."))
+    for variant, baseline in dict.fromkeys((r["variant"], r["baseline"]) for r in claims):
+        pair = [r for r in claims if (r["variant"], r["baseline"]) == (variant, baseline)]
+        for key, ylabel, what in (("relative_action_gap_increase", "relative action gap increase", "Relative action gap"),
+                                  ("overestimation_decrease_pct", "% decrease in overestimation", "Overestimation")):
+            values = {r["game"]: r[key] for r in pair if r[key] is not None}
+            if not values:
+                continue
+            name = f"claims_{key}_{slug(variant)}_vs_{slug(baseline)}.png"
+            plot_claim_bars(values, ylabel, f"{what}: {variant} against {baseline}, whole-run means", os.path.join(args.out_dir, name))
+            clip = f" Unclipped: the authors' figure clips each bar to {AUTHORS_GAP_CLIP}." if key.startswith("relative") else ""
+            figures.append((name, f"Per game, {ylabel} of {variant} against {baseline}, as the authors' "
+                            f"plotting/two_alg_aux.py computes it ({len(values)} games).{clip}"))
     if sweeps:
         plot_k_sensitivity(sweeps, os.path.join(args.out_dir, "k_sensitivity.png"))
         figures.append(("k_sensitivity.png", "The authors' k figure: per game, the AUC of the human-normalized evaluation "
@@ -851,6 +960,7 @@ def main(args: Args):
         "",
         markdown_table(overestimation, OVERESTIMATION_COLUMNS) if overestimation else "No finished run measured it yet.",
         "",
+        *claims_report(claims),
         *k_sensitivity_report(sweeps, sweep_notes),
         "## Figures",
         "",

@@ -22,7 +22,7 @@ ROW_SETTINGS = {"dqn": dict(network="nature", optimizer="adam", loss="sse"),
 
 def write_run(root, name, algo, env_id, seed, me_coef=None, final_mean=None, eval_returns=(), action_gaps=(),
               overestimations=(), eval_interval=EVAL_INTERVAL, final_overestimation=None, normalized_overestimations=(),
-              **settings):
+              relative_action_gaps=(), **settings):
     """One run directory. me_coef None is the scripts' default k (|A| = 18; 0 for --network dueling and rdq);
     eval_returns etc. are (step, value) pairs; settings: network, optimizer, loss where not the algorithm's defaults."""
     run_dir = os.path.join(root, name)
@@ -35,7 +35,8 @@ def write_run(root, name, algo, env_id, seed, me_coef=None, final_mean=None, eva
         json.dump(config, f)
     writer = SummaryWriter(run_dir)
     for tag, points in (("eval/episodic_return", eval_returns), ("metrics/action_gap", action_gaps),
-                        ("eval/overestimation", overestimations), ("eval/normalized_overestimation", normalized_overestimations)):
+                        ("eval/overestimation", overestimations), ("eval/normalized_overestimation", normalized_overestimations),
+                        ("claims/relative_action_gap", relative_action_gaps)):
         for step, value in points:
             writer.add_scalar(tag, value, step)
     writer.close()
@@ -75,6 +76,7 @@ def make_demo(root, steps=10_000_000, seeds=(1, 2, 3)):
                     write_run(root, f"{game}__{variant}__s{seed}", algo, env_id, seed, me_coef,
                               final_mean=float(score[-1]), eval_returns=list(zip(grid, score)), action_gaps=gaps,
                               overestimations=over, normalized_overestimations=[(s, v / 10) for s, v in over],
+                              relative_action_gaps=[(s, v / 5) for s, v in gaps],
                               final_overestimation=float(over[-1][1]))
 
 

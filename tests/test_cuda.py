@@ -189,7 +189,8 @@ def test_learning_never_waits_for_the_gpu(algo, flags):
     parts = script.Parts(network, copy.deepcopy(network), script.make_optimizer(args, network), rb, envs=None, eval_env=None,
                          rng=None, eval_rng=None, loss_fn=script.LOSS)
     state = script.LoopState(obs=None, starting=None, sums=torch.zeros(3, device=device),
-                             bad_step=torch.tensor(-1, device=device), update_origin=(0, 0), global_step=4)
+                             bad_step=torch.tensor(-1, device=device), update_origin=(0, 0), global_step=4,
+                             q_record=torch.zeros(script.Q_RECORD, device=device))
     script.learn(args, parts, state)  # the first update creates the optimizer's state
     torch.cuda.synchronize()
     state.global_step = 4 * 11

@@ -115,7 +115,9 @@ def test_confidence_intervals_contain_the_estimate_and_shrink_with_more_seeds(tm
 
 FIGURES = ["aggregate_iqm.png", "per_game_curves.png", "action_gap.png", "overestimation.png", "normalized_overestimation.png",
            "overestimation_final.png", "relative_change_ib_dqn_k_vs_dqn.png", "relative_change_ib_iqn_vs_iqn.png",
-           "k_sensitivity.png"]
+           "k_sensitivity.png", "claims_relative_action_gap_increase_ib_dqn_k_vs_dqn.png",
+           "claims_overestimation_decrease_pct_ib_dqn_k_vs_dqn.png", "claims_relative_action_gap_increase_ib_iqn_vs_iqn.png",
+           "claims_overestimation_decrease_pct_ib_iqn_vs_iqn.png"]
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +329,40 @@ def test_bad_input_writes_nothing(tmp_path, runs_dir, args, message):
                            "--out-dir", "out", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_claims_2_and_3_are_whole_run_means_compared_per_game_as_the_authors_plotting_code_does(tmp_path):
+    """plotting/two_alg_aux.py: per run the mean over its evaluation rows; per game the mean over seeds; the gap's
+    increase is variant - baseline, the overestimation's % decrease -(variant - baseline) / (|baseline| + 1e-8) x 100.
+    A side whose runs predate the statistic is a gap in the report, not a dropped game."""
+    runs = tmp_path / "runs"
+    rows = {  # (name, me_coef, seed): (relative gaps per evaluation, overestimations per evaluation); binary fractions
+        ("dqn", 0, 1): ([0.125, 0.375], [2.0, 4.0]), ("dqn", 0, 2): ([0.5], [5.0]),
+        ("ib", None, 1): ([0.5, 0.75], [1.0, 1.0]), ("ib", None, 2): ([1.0], [2.0])}
+    for (name, k, seed), (gaps, over) in rows.items():
+        steps = [250_000 * (i + 1) for i in range(len(gaps))]
+        write_run(runs, f"breakout_{name}_{seed}", "dqn", "ALE/Breakout-v5", seed, me_coef=k, final_mean=10.0,
+                  eval_returns=curve(10.0), relative_action_gaps=list(zip(steps, gaps)), overestimations=list(zip(steps, over)))
+        # pong: the mean-expansion runs are older than the statistic (no claims/ points)
+        write_run(runs, f"pong_{name}_{seed}", "dqn", "ALE/Pong-v5", seed, me_coef=k, final_mean=0.0, eval_returns=curve(0.0),
+                  relative_action_gaps=list(zip(steps, gaps)) if name == "dqn" else (), overestimations=list(zip(steps, over)))
+    plot(runs, tmp_path / "out")
+    claims = {r["game"]: r for r in read_csv(tmp_path / "out" / "claims.csv")}
+    breakout = claims["breakout"]
+    assert (breakout["variant"], breakout["baseline"]) == ("IB-DQN(k)", "DQN")
+    dqn_gap, ib_gap = (0.25 + 0.5) / 2, (0.625 + 1.0) / 2
+    assert float(breakout["baseline_relative_action_gap"]) == dqn_gap and float(breakout["variant_relative_action_gap"]) == ib_gap
+    assert float(breakout["relative_action_gap_increase"]) == ib_gap - dqn_gap  # unclipped: the authors clip to (-20, 0.01)
+    dqn_over, ib_over = (3.0 + 5.0) / 2, (1.0 + 2.0) / 2
+    assert float(breakout["overestimation_decrease_pct"]) == -(ib_over - dqn_over) / (abs(dqn_over) + 1e-8) * 100
+    assert breakout["variant_relative_action_gap_runs"] == "2" and breakout["baseline_overestimation_runs"] == "2"
+    pong = claims["pong"]
+    assert pong["variant_relative_action_gap"] == "" and pong["relative_action_gap_increase"] == ""
+    assert float(pong["baseline_relative_action_gap"]) == dqn_gap and pong["overestimation_decrease_pct"] != ""
+    report = (tmp_path / "out" / "report.md").read_text()
+    section = report.split("## Claims 2 and 3")[1].split("\n## ")[0]
+    assert "relative action gap larger on 1 of 1 games" in section and "overestimation smaller on 2 of 2 games" in section
+    assert "| pong | missing | 0.375 | missing |" in section
+    assert f"IB-DQN(k), pong, seed 1: no relative action gap" in report and f"({runs / 'pong_ib_1'})" in report
+    for name in ("claims_relative_action_gap_increase_ib_dqn_k_vs_dqn.png", "claims_overestimation_decrease_pct_ib_dqn_k_vs_dqn.png"):
+        assert f"![{name}]({name})" in report and (tmp_path / "out" / name).exists()

@@ -1,7 +1,7 @@
 """The layout a reader relies on (issues 14 and 23): the method first, the sections in the order the docstring names
-them, short functions, scripts of at most 900 lines (850 until issue 33 added the CUDA path's flags and
-pinned batches) whose long-run machinery is one module both import (longrun.py),
-and a diff between the two scripts that shows only the algorithm."""
+them, long-run machinery in one module both scripts import (longrun.py), and a diff between the two scripts that
+shows only the algorithm. There is no cap on a script's or a function's length (issue 32: the caps pushed dense
+one-liners; what counts is a reader's one sitting)."""
 
 import ast
 import os
@@ -53,11 +53,8 @@ def test_the_method_comes_first_and_the_sections_follow_in_the_documented_order(
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_functions_are_short_and_lines_fit_the_formatter_width(name):
+def test_lines_fit_the_formatter_width(name):
     text, tree = read(name)
-    long_functions = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
-                      if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
-    assert not long_functions, f"{name}: functions over 80 lines: {long_functions}"
     long_lines = [i + 1 for i, line in enumerate(text.splitlines()) if len(line) > 127]  # CleanRL's black line length
     assert not long_lines, f"{name}: lines over 127 characters: {long_lines}"
 
@@ -71,9 +68,8 @@ def test_the_two_scripts_differ_in_at_most_280_lines():
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_each_script_is_at_most_900_lines_and_hands_its_machinery_to_longrun(name):
+def test_each_script_hands_its_machinery_to_longrun(name):
     text, tree = read(name)
-    assert len(text.splitlines()) <= 900, f"{name} has {len(text.splitlines())} lines"
     imports = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     assert "longrun" in imports and "EXPERIMENT = longrun.Experiment(" in text
     defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
