@@ -165,9 +165,39 @@ def td_loss(q_network: nn.Module, target_network: nn.Module, batch: tuple, gamma
     return F.mse_loss(q.gather(1, actions[:, None]).squeeze(1), target) / 2, q
 
 
+def action_gap(q: torch.Tensor) -> torch.Tensor:
+    """Mean over the states of (largest Q - second largest Q): q (..., states, |A|) -> (...)."""
+    top2 = q.topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]).mean(dim=-1)
+
+
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
     """PFRL's LinearDecayEpsilonGreedy after t steps."""
     return end_e if t >= duration else start_e + (end_e - start_e) * t / duration
+
+
+# ==== The authors' statistics for the paper's claims 2 and 3 (their DQN agent's get_statistics) ====
+Q_RECORD = 1000  # average_q: the mean of the last 1,000 Q(s, a) of the taken actions in training batches
+
+
+@torch.no_grad()
+def measure_action_gap(q_network: nn.Module, rb: ReplayBuffer, n_states: int, rng: np.random.Generator, device) -> float:
+    """The authors' action gap at a target sync: n_states replay states drawn (without replacement, as PFRL) from rng,
+    the statistic's own generator, so training's draws never move; eval mode (a no-op for this MLP, as theirs)."""
+    q_network.eval()
+    gap = action_gap(q_network(torch.as_tensor(rb.obs[rng.choice(rb.size, n_states, replace=False)], device=device)))
+    q_network.train()
+    return gap.item()
+
+
+def claim_statistics(recent_q: torch.Tensor, gaps: list) -> dict:
+    """An evaluation row's average_q (of the recent training-batch Q values), average_action_gap (the mean of the gaps
+    measured at the syncs since the last evaluation) and relative_action_gap = gap / (|average_q| + 1e-8); None where
+    nothing was measured yet (the authors' NaN)."""
+    average_q = recent_q.double().mean().item() if len(recent_q) else None
+    gap = float(np.mean(gaps)) if gaps else None
+    relative = gap / (abs(average_q) + 1e-8) if gap is not None and average_q is not None else None
+    return {"average_q": average_q, "average_action_gap": gap, "relative_action_gap": relative}
 
 
 # ==== Evaluation: greedy games on an env of their own; raw scores and the authors' overestimation ====
@@ -240,14 +270,21 @@ def main(args: Args) -> list:
     target_network.load_state_dict(q_network.state_dict())
     rb = ReplayBuffer(min(args.buffer_size, max(args.total_timesteps, 1)), obs_size)  # never more than the run fills
     evaluations, gap_sum, updates = [], torch.zeros((), device=device), 0  # action gaps, updates since the last eval
+    # the authors' statistics: a ring of the last Q_RECORD training Q values, the gaps measured at the syncs since the
+    # last evaluation, on min(4 x batch, sync interval - 1) replay states (99 here) drawn from a generator of their own
+    q_record, q_recorded, sync_gaps = torch.zeros(Q_RECORD, device=device), 0, []
+    gap_rng, gap_states = np.random.default_rng([args.seed, 1]), min(4 * args.batch_size, args.target_network_frequency - 1)
 
     def record_evaluation(step: int):
         stats = evaluate(q_network, eval_env, args.eval_episodes, args.gamma, args.reward_scale, device)
         stats["action_gap"] = gap_sum.item() / updates if updates else None  # mean over the updates since the last
+        stats |= claim_statistics(q_record[:min(q_recorded, Q_RECORD)], sync_gaps)
+        sync_gaps.clear()
         evaluations.append({"step": step, **stats})
         for key, value in stats.items():
             if value is not None:
-                writer.add_scalar(f"eval/{key}", value, step)
+                group = "claims" if key in ("average_q", "average_action_gap", "relative_action_gap") else "eval"
+                writer.add_scalar(f"{group}/{key}", value, step)
         print(f"step {step:,}: mean score {stats['mean']:.1f} over {stats['episodes']:.0f} greedy episodes")
         with open(os.path.join(run_dir, "evaluations.json"), "w") as f:
             json.dump({"config": {**asdict(args), "n_actions": n_actions}, "evaluations": evaluations}, f, indent=1)
@@ -273,15 +310,20 @@ def main(args: Args) -> list:
         # the authors' order within a step: sync the target, then update, then evaluate
         if step % args.target_network_frequency == 0:
             target_network.load_state_dict(q_network.state_dict())
+            if 0 < gap_states <= rb.size:
+                sync_gaps.append(measure_action_gap(q_network, rb, gap_states, gap_rng, device))
         if step >= args.learning_starts and step % args.train_frequency == 0:
             batch = rb.batch(rng.choice(rb.size, args.batch_size, replace=False), device)
             loss, q = td_loss(q_network, target_network, batch, args.gamma)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            top2 = q.detach().topk(2, dim=1).values
-            gap = (top2[:, 0] - top2[:, 1]).mean()  # the action gap: mean over the batch of (largest - second Q)
+            q = q.detach()
+            gap = action_gap(q)  # our own per-batch action gap
             gap_sum, updates = gap_sum + gap, updates + 1
+            q_taken = q.gather(1, batch[1][:, None]).squeeze(1)[-Q_RECORD:]  # into the ring of the last Q_RECORD
+            q_record[(q_recorded + torch.arange(len(q_taken), device=device)) % Q_RECORD] = q_taken
+            q_recorded += len(q_taken)
             if step % 100 == 0:
                 writer.add_scalar("losses/td_loss", loss.item(), step)
                 writer.add_scalar("metrics/action_gap", gap.item(), step)

@@ -91,12 +91,13 @@ def forward(params: list, obs: torch.Tensor, k: torch.Tensor, obs_divisor: float
 def gradients(params: list, target: list, k: torch.Tensor, obs_divisor: float, gamma: float, batch: tuple) -> tuple:
     """Each member's gradient of dqn_meanexp.td_loss (mean over its batch of delta^2 / 2), the chain rule written out so that
     one batched pass serves all members (equal to autograd's, tests/test_lunar_sweep.py). Returns (gradients in the
-    order of params, each member's action gap on its batch)."""
+    order of params, each member's action gap on its batch, each member's Q of its batch's taken actions)."""
     obs, actions, rewards, next_obs, terminated = batch  # (M, B, ...) each
     with torch.no_grad():
         y = rewards + gamma * (1.0 - terminated) * forward(target, next_obs, k, obs_divisor)[0].max(dim=2).values
         q, (x, h1, h2) = forward(params, obs, k, obs_divisor)
-        delta = q.gather(2, actions[..., None]).squeeze(2) - y  # Q(s, a) - y
+        q_taken = q.gather(2, actions[..., None]).squeeze(2)
+        delta = q_taken - y  # Q(s, a) - y
         dq = torch.zeros_like(q).scatter_(2, actions[..., None], (delta / delta.shape[1])[..., None])  # dLoss/dQ
         # the head: dQ(s, a)/du(s, b) = [a == b] + k/|A|, so each TD error also moves every action's u by k/|A| of it
         du = dq + dq.sum(dim=2, keepdim=True) * k / q.shape[2]
@@ -105,8 +106,7 @@ def gradients(params: list, target: list, k: torch.Tensor, obs_divisor: float, g
         grads = []
         for inputs, d in ((x, dh1), (h1, dh2), (h2, du)):  # each layer: dW = inputs^T d, db = sum over the batch of d
             grads += [inputs.transpose(1, 2) @ d, d.sum(dim=1, keepdim=True)]
-        top2 = q.topk(2, dim=2).values
-        return grads, (top2[..., 0] - top2[..., 1]).mean(dim=1)
+        return grads, dqn_meanexp.action_gap(q), q_taken
 
 
 class Population:
@@ -131,6 +131,7 @@ class Population:
                                           eps=args.adam_eps, fused=True)
         self.k = torch.tensor([float(k) for k, _ in members])[:, None, None]
         self.rngs = [np.random.default_rng(seed) for _, seed in members]  # as dqn_meanexp.main: exploration, replay
+        self.gap_rngs = [np.random.default_rng([seed, 1]) for _, seed in members]  # as dqn_meanexp.main: the statistic's
         self.gradients = torch.compile(gradients, dynamic=False) if compile else gradients
         capacity, m = min(args.buffer_size, max(args.total_timesteps, 1)), len(members)
         # every member's replay in one tensor, so that one gather draws all the batches: member i's ring is rows
@@ -150,17 +151,26 @@ class Population:
         self.replay[self.ring_starts[:, 0] + self.pos] = torch.as_tensor(rows, dtype=torch.float32)
         self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
 
-    def update(self) -> torch.Tensor:
-        """One update of every member on its own batch (drawn as dqn_meanexp.main draws it); returns the action gaps."""
+    @torch.inference_mode()
+    def action_gaps(self, n_states: int) -> np.ndarray:
+        """dqn_meanexp.measure_action_gap for every member: n_states replay states each, from its own gap generator."""
+        indices = np.stack([rng.choice(self.size, n_states, replace=False) for rng in self.gap_rngs])
+        rows = self.replay.index_select(0, (torch.as_tensor(indices) + self.ring_starts).view(-1))
+        states = rows.view(len(self.members), n_states, -1)[..., :self.obs_size]
+        return dqn_meanexp.action_gap(forward(self.params, states, self.k, self.args.obs_divisor)[0]).numpy()
+
+    def update(self) -> tuple:
+        """One update of every member on its own batch (drawn as dqn_meanexp.main draws it); returns the action gaps and
+        the Q of the batches' taken actions (M, batch)."""
         indices = np.stack([rng.choice(self.size, self.args.batch_size, replace=False) for rng in self.rngs])
         rows = self.replay.index_select(0, (torch.as_tensor(indices) + self.ring_starts).view(-1))
         rows, o = rows.view(len(self.members), self.args.batch_size, -1), self.obs_size
         batch = (rows[..., :o], rows[..., 2 * o].long(), rows[..., 2 * o + 1], rows[..., o:2 * o], rows[..., 2 * o + 2])
-        grads, gaps = self.gradients(self.params, self.target, self.k, self.args.obs_divisor, self.args.gamma, batch)
+        grads, gaps, q_taken = self.gradients(self.params, self.target, self.k, self.args.obs_divisor, self.args.gamma, batch)
         for param, grad in zip(self.optimizer.param_groups[0]["params"], grads[:5] + list(grads[5])):
             param.grad = grad
         self.optimizer.step()
-        return gaps
+        return gaps, q_taken
 
     def sync_target(self):
         for t, p in zip(self.target, self.params):
@@ -209,11 +219,17 @@ def train(pop: Population) -> tuple:
     args, m = pop.args, len(pop.members)
     clock = dict.fromkeys(("act", "env", "update", "evaluate"), 0.0)
     evaluations, gap_sum, updates = [[] for _ in range(m)], torch.zeros(m), 0  # action gaps, updates since the last eval
+    # the authors' statistics, as dqn_meanexp.main keeps them, one row per member
+    q_record, q_recorded, sync_gaps = torch.zeros(m, dqn_meanexp.Q_RECORD), 0, [[] for _ in range(m)]
+    gap_states = min(4 * args.batch_size, args.target_network_frequency - 1)
 
     def record_evaluation(step: int):
         started = time.perf_counter()
+        recent = q_record[:, :min(q_recorded, dqn_meanexp.Q_RECORD)]
         for i, stats in enumerate(evaluate(pop)):
-            evaluations[i].append({"step": step, **stats, "action_gap": float(gap_sum[i]) / updates if updates else None})
+            evaluations[i].append({"step": step, **stats, "action_gap": float(gap_sum[i]) / updates if updates else None,
+                                   **dqn_meanexp.claim_statistics(recent[i], sync_gaps[i])})
+            sync_gaps[i] = []
         clock["evaluate"] += time.perf_counter() - started
         scores = [rows[-1]["mean"] for rows in evaluations]
         print(f"worker {os.getpid()}: step {step:,}/{args.total_timesteps:,} of {m} members after "
@@ -250,9 +266,16 @@ def train(pop: Population) -> tuple:
         if step % args.target_network_frequency == 0:
             pop.sync_target()
             release_freed_memory()
+            if 0 < gap_states <= pop.size:
+                for i, gap in enumerate(pop.action_gaps(gap_states)):
+                    sync_gaps[i].append(float(gap))
         if step >= args.learning_starts and step % args.train_frequency == 0:
-            gap_sum += pop.update()
+            gaps, q_taken = pop.update()
+            gap_sum += gaps
             updates += 1
+            q_taken = q_taken[:, -dqn_meanexp.Q_RECORD:]
+            q_record[:, (q_recorded + torch.arange(q_taken.shape[1])) % dqn_meanexp.Q_RECORD] = q_taken
+            q_recorded += q_taken.shape[1]
         clock["update"] += time.perf_counter() - started
         if step % args.eval_interval == 0:
             record_evaluation(step)
@@ -409,9 +432,17 @@ def load_sweep(folder: str) -> dict:
     return dict(sorted(sweep.items()))
 
 
+def whole_run(runs: dict, key: str) -> float:
+    """Claims 2 and 3 as the authors' plotting/two_alg_aux.py: per seed, the mean of a statistic over all the run's
+    evaluation rows that have it (NaN rows dropped); then the mean over seeds. NaN where no row has it (older runs)."""
+    per_seed = [np.mean(v) for v in ([row[key] for row in rows if row.get(key) is not None] for rows in runs.values()) if v]
+    return float(np.mean(per_seed)) if per_seed else float("nan")
+
+
 def summarize_k(runs: dict) -> dict:
     """One k: AUC = the mean over the evaluation points of the across-seed mean score; its 95% interval 1.96 x the
-    standard error of the per-seed AUCs (none with one seed); the last point's means of the other statistics."""
+    standard error of the per-seed AUCs (none with one seed); the last point's means of the other statistics; the
+    whole-run relative action gap and overestimation (whole_run)."""
     curves = np.array([[row["mean"] for row in rows] for rows in runs.values()])  # (seeds, points)
     seed_aucs = curves.mean(axis=1)
     last = [rows[-1] for rows in runs.values()]
@@ -421,16 +452,35 @@ def summarize_k(runs: dict) -> dict:
             "final_score": float(curves[:, -1].mean()),
             "final_overestimation": float(np.mean([row["overestimation"] for row in last])),
             "final_normalized_overestimation": float(np.mean([row["normalized_overestimation"] for row in last])),
-            "final_action_gap": float(np.mean(gaps)) if gaps else float("nan")}
+            "final_action_gap": float(np.mean(gaps)) if gaps else float("nan"),
+            "relative_action_gap": whole_run(runs, "relative_action_gap"), "overestimation": whole_run(runs, "overestimation")}
+
+
+def against_dqn(table: dict) -> dict:
+    """Each k's change against k = 0, as the authors' figures: relative action gap increase = k's - DQN's; % decrease
+    in overestimation = -(k's - DQN's) / (|DQN's| + 1e-8) x 100. NaN without a k = 0 row."""
+    base = table.get(0.0, {"relative_action_gap": float("nan"), "overestimation": float("nan")})
+    for row in table.values():
+        row["relative_action_gap_increase"] = row["relative_action_gap"] - base["relative_action_gap"]
+        row["overestimation_decrease_pct"] = -(row["overestimation"] - base["overestimation"]) / (
+            abs(base["overestimation"]) + 1e-8) * 100
+    return table
 
 
 def markdown_table(table: dict) -> str:
+    def cell(value: float, form: str) -> str:  # NaN: not measured (one seed has no interval; older runs no claims)
+        return "n/a" if np.isnan(value) else format(value, form)
+
     lines = ["| k | seeds | AUC of score | 95% interval | final score | final overestimation | final normalized "
-             "overestimation | final action gap |", "|" + " --- |" * 8]
+             "overestimation | final action gap | whole-run relative action gap | its increase over k = 0 | whole-run "
+             "overestimation | its decrease from k = 0 (%) |", "|" + " --- |" * 12]
     for k, r in table.items():
-        lines.append(f"| {k:g} | {r['seeds']} | {r['auc']:.1f} | ± {r['ci']:.1f} | {r['final_score']:.1f} | "
+        ci = "none" if np.isnan(r["ci"]) else f"± {r['ci']:.1f}"
+        lines.append(f"| {k:g} | {r['seeds']} | {r['auc']:.1f} | {ci} | {r['final_score']:.1f} | "
                      f"{r['final_overestimation']:.3f} | {r['final_normalized_overestimation']:.3f} | "
-                     f"{r['final_action_gap']:.4f} |")
+                     f"{cell(r['final_action_gap'], '.4f')} | {cell(r['relative_action_gap'], '.4f')} | "
+                     f"{cell(r['relative_action_gap_increase'], '+.4f')} | {cell(r['overestimation'], '.3f')} | "
+                     f"{cell(r['overestimation_decrease_pct'] + 0.0, '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -442,13 +492,17 @@ def plot(folder: str, figure_dir: str) -> dict:
     import matplotlib.pyplot as plt
 
     sweep = load_sweep(folder)
-    table = {k: summarize_k(runs) for k, runs in sweep.items()}
+    table = against_dqn({k: summarize_k(runs) for k, runs in sweep.items()})
     os.makedirs(figure_dir, exist_ok=True)
     ks = [k for k in table if k > 0]
 
     def against_k(ax, key: str, label: str, band: Optional[str] = None):
         """A statistic against k > 0 on a log axis, k = 0 as a dotted line (with its band where there is one)."""
         values = np.array([table[k][key] for k in ks])
+        if np.isnan(values).all():  # a sweep trained before the statistic existed
+            ax.text(0.5, 0.5, "not recorded by these runs", ha="center", va="center", transform=ax.transAxes)
+            ax.set(xlabel="mean-scaling coefficient k", ylabel=label)
+            return
         ax.plot(ks, values, marker="o", label="mean-expansion (k > 0)")
         if band:
             err = np.array([table[k][band] for k in ks])
@@ -479,11 +533,16 @@ def plot(folder: str, figure_dir: str) -> dict:
     fig.tight_layout()
     fig.savefig(os.path.join(figure_dir, "lunar_curves.png"), dpi=120)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, label in zip(axes, ("final_overestimation", "final_normalized_overestimation", "final_action_gap"),
-                              ("overestimation (mean Q - G)", "normalized overestimation", "action gap")):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, key, label in zip(axes[0], ("relative_action_gap", "overestimation", "overestimation_decrease_pct"),
+                              ("whole-run relative action gap", "whole-run overestimation (mean Q - G)",
+                               "% decrease in overestimation from k = 0")):
+        against_k(ax, key, label)
+    for ax, key, label in zip(axes[1], ("final_overestimation", "final_normalized_overestimation", "final_action_gap"),
+                              ("overestimation (mean Q - G)", "normalized overestimation", "action gap (every batch)")):
         against_k(ax, key, f"final {label}")
-    fig.suptitle("LunarLander-v3 at the last evaluation: the authors' overestimation and the action gap")
+    fig.suptitle("LunarLander-v3: claims 2 and 3 as the authors compute them (top: means over every evaluation of a "
+                 "run, then over seeds) and at the last evaluation (bottom)")
     fig.tight_layout()
     fig.savefig(os.path.join(figure_dir, "lunar_overestimation_gap.png"), dpi=120)
     plt.close("all")

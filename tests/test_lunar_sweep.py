@@ -46,13 +46,15 @@ def test_batched_gradients_are_each_members_autograd_gradients(compiled):
     k = torch.tensor([m[0] for m in MEMBERS])[:, None, None]
     batch = random_batch(len(MEMBERS))
     gradients = torch.compile(sweep.gradients, dynamic=False) if compiled else sweep.gradients
-    grads, gaps = gradients(sweep.stack_networks(nets), sweep.stack_networks(targets), k, 10.0, 0.99, batch)
+    grads, gaps, q_taken = gradients(sweep.stack_networks(nets), sweep.stack_networks(targets), k, 10.0, 0.99, batch)
     for i, (net, target) in enumerate(zip(nets, targets)):
         member_batch = tuple(t[i] for t in batch)
         for got, expected in zip(grads, autograd_gradients(net, target, member_batch)):
             torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
         top2 = net(member_batch[0]).topk(2).values
         torch.testing.assert_close(gaps[i], (top2[:, 0] - top2[:, 1]).mean())
+        want = net(member_batch[0]).gather(1, member_batch[1][:, None]).squeeze(1)  # k = 65536 amplifies rounding
+        torch.testing.assert_close(q_taken[i], want, rtol=1e-3, atol=1e-6 * want.abs().max().item())
 
 
 def batched_arithmetic_rounds_as_plain():
@@ -64,7 +66,7 @@ def batched_arithmetic_rounds_as_plain():
     nets, targets = networks(MEMBERS), networks(MEMBERS, offset=100)
     k = torch.tensor([m[0] for m in MEMBERS])[:, None, None]
     params, batch = sweep.stack_networks(nets), random_batch(len(MEMBERS))
-    grads, _ = sweep.gradients(params, sweep.stack_networks(targets), k, 10.0, 0.99, batch)
+    grads, *_ = sweep.gradients(params, sweep.stack_networks(targets), k, 10.0, 0.99, batch)
     for i, (net, target) in enumerate(zip(nets, targets)):
         expected = autograd_gradients(net, target, tuple(t[i] for t in batch))
         if not all(torch.equal(got[i], want) for got, want in zip(grads, expected)):
@@ -80,7 +82,7 @@ def batched_arithmetic_rounds_as_plain():
 def test_each_member_of_a_population_is_its_single_run(in_tmp):
     exact = batched_arithmetic_rounds_as_plain()
     # cuda=False: the population runs on the CPU, so must its members' single runs, GPU or not (issue 33)
-    settings = dict(total_timesteps=800 if exact else 330, learning_starts=300, eval_interval=400, eval_episodes=2,
+    settings = dict(total_timesteps=800 if exact else 330, learning_starts=300, eval_interval=400 if exact else 320, eval_episodes=2,
                     cuda=False)
     pop = sweep.Population(dqn.Args(**settings), MEMBERS, compile=False)
     evaluations, clock = sweep.train(pop)
@@ -101,6 +103,9 @@ def test_each_member_of_a_population_is_its_single_run(in_tmp):
             assert got["action_gap"] == (None if want["action_gap"] is None else pytest.approx(want["action_gap"], rel=1e-5))
             # the evaluation's Q comes from a batched forward: equal up to rounding
             assert got["overestimation"] == pytest.approx(want["overestimation"], rel=1e-5, abs=1e-6)
+            for key in ("average_q", "average_action_gap", "relative_action_gap"):  # the same states, the same Q
+                assert got[key] == (None if want[key] is None else pytest.approx(want[key], rel=1e-4, abs=1e-7)), key
+        assert [e["average_action_gap"] is None for e in single] == [True] + [False] * (len(single) - 1)  # syncs from step 100
 
 
 def cpu_model():
@@ -129,6 +134,28 @@ def test_auc_and_its_interval_are_the_authors_on_hand_made_curves(tmp_path):
     for name in ("lunar_k_auc.png", "lunar_curves.png", "lunar_overestimation_gap.png", "lunar_table.md"):
         assert os.path.getsize(tmp_path / "figures" / name) > 0
     assert "| 0 | 2 | 3.0 | ± 2.0 | 4.0 |" in (tmp_path / "figures" / "lunar_table.md").read_text()
+    assert "| 4 | 1 | 10.0 | none | 20.0 |" in (tmp_path / "figures" / "lunar_table.md").read_text()  # one seed: no interval
+
+
+def test_claims_2_and_3_are_whole_run_means_compared_with_k_0_as_the_authors_plotting_code_does(tmp_path):
+    """plotting/two_alg_aux.py: per seed the mean over its rows that have the statistic, then over seeds; the gap's
+    increase is k's - DQN's, the overestimation's % decrease -(k's - DQN's) / (|DQN's| + 1e-8) x 100."""
+    runs = {(0, 1): ([None, 0.25, 0.75], [1.0, 2.0, 3.0]), (0, 2): ([None, 1.0, 1.0], [3.0, 3.0, 3.0]),
+            (4, 1): ([None, 2.0, 4.0], [1.0, 1.0, 1.0]), (16, 1): ([None, None, None], [2.5, 2.5, 2.5])}
+    for (k, seed), (gaps, over) in runs.items():
+        rows = [{"step": s, "mean": 1.0, "overestimation": o, "normalized_overestimation": 0.0, "action_gap": None,
+                 "relative_action_gap": g} for s, g, o in zip((0, 10, 20), gaps, over)]
+        os.makedirs(tmp_path / f"k{k}_s{seed}")
+        (tmp_path / f"k{k}_s{seed}" / "evaluations.json").write_text(json.dumps({"config": {"me_coef": float(k), "seed": seed},
+                                                                                 "evaluations": rows}))
+    table = sweep.plot(str(tmp_path), str(tmp_path / "figures"))
+    assert table[0.0]["relative_action_gap"] == (0.5 + 1.0) / 2 and table[0.0]["overestimation"] == (2.0 + 3.0) / 2
+    assert table[4.0]["relative_action_gap_increase"] == 3.0 - 0.75
+    assert table[4.0]["overestimation_decrease_pct"] == -(1.0 - 2.5) / (2.5 + 1e-8) * 100
+    assert np.isnan(table[16.0]["relative_action_gap"]) and table[16.0]["overestimation_decrease_pct"] == pytest.approx(0.0)
+    text = (tmp_path / "figures" / "lunar_table.md").read_text()
+    assert "| 4 | 1 | 1.0 | none | 1.0 |" in text and "| 3.0000 | +2.2500 | 1.000 | 60.0 |" in text
+    assert "| n/a | n/a | 2.500 | 0.0 |" in text  # k = 16's runs predate the statistic
 
 
 def test_runs_evaluated_at_other_steps_are_not_averaged_together(tmp_path):
@@ -245,3 +272,40 @@ def test_the_time_bound_adds_each_parts_slowest_worker_and_its_profile_finds_the
     assert "| **lower bound** | 0.3 | 1.13x |" in table and "against them the bound is 2.26x" in table
     measured = sweep_bound.measure(members=2, calls=20)  # the profile's kernel names are this torch's
     assert all(measured[piece] > 0 for piece in ("products", "elementwise", "adam", "env_step", "forward"))
+
+
+def test_the_claim_statistic_changes_no_training_of_a_single_run(in_tmp, monkeypatch):
+    """The gap's states come from a generator of its own: a run that measures it and one whose measurement is a stub
+    end with the same weights and scores, bit for bit."""
+    settings = dict(total_timesteps=700, learning_starts=300, eval_interval=350, eval_episodes=2, save_model=True)
+    measured = dqn.main(dqn.Args(**settings, exp_name="measured"))
+    monkeypatch.setattr(dqn, "measure_action_gap", lambda *args: 0.0)
+    stub = dqn.main(dqn.Args(**settings, exp_name="stub"))
+    assert [r["mean"] for r in measured] == [r["mean"] for r in stub]
+    assert [r["overestimation"] for r in measured] == [r["overestimation"] for r in stub]
+    assert [r["average_action_gap"] for r in stub] == [None, 0.0, 0.0] != [r["average_action_gap"] for r in measured]
+    a, b = (torch.load(glob.glob(f"runs/*__{name}__*/{name}.cleanrl_model")[0]) for name in ("measured", "stub"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_the_claim_statistic_changes_no_training_of_a_compiled_population(monkeypatch):
+    """The sweep's compiled update returns the batches' Q for average_q besides the gradients, and each sync measures
+    the gap: members trained so, and members whose update drops that output and whose gap is a stub, are equal."""
+    settings = dqn.Args(total_timesteps=500, learning_starts=300, eval_interval=250, eval_episodes=1)
+    members = [(4.0, 1), (0.0, 2)]
+    measured = sweep.Population(settings, members, compile=True)
+    rows, _ = sweep.train(measured)
+    original = sweep.gradients
+
+    def without_q(*args):
+        grads, gaps, q_taken = original(*args)
+        return grads, gaps, torch.zeros(q_taken.shape)
+
+    monkeypatch.setattr(sweep, "gradients", without_q)
+    monkeypatch.setattr(sweep.Population, "action_gaps", lambda self, n: np.zeros(len(self.members)))
+    stub = sweep.Population(settings, members, compile=True)
+    stub_rows, _ = sweep.train(stub)
+    assert all(torch.equal(a, b) for a, b in zip(measured.params, stub.params))
+    for i in range(len(members)):
+        assert [r["mean"] for r in rows[i]] == [r["mean"] for r in stub_rows[i]]
+        assert [r["average_q"] for r in stub_rows[i]] == [None, None, 0.0] != [r["average_q"] for r in rows[i]]
