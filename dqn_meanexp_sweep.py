@@ -88,25 +88,20 @@ def forward(params: list, obs: torch.Tensor, k: torch.Tensor, obs_divisor: float
     return dqn_meanexp.mean_expansion(torch.baddbmm(b3, h2, w3), k), (x, h1, h2)  # k: (M, 1, 1), each member its own
 
 
-def gradients(params: list, target: list, k: torch.Tensor, obs_divisor: float, gamma: float, batch: tuple) -> tuple:
-    """Each member's gradient of dqn_meanexp.td_loss (mean over its batch of delta^2 / 2), the chain rule written out so that
-    one batched pass serves all members (equal to autograd's, tests/test_lunar_sweep.py). Returns (gradients in the
-    order of params, each member's action gap on its batch, each member's Q of its batch's taken actions)."""
-    obs, actions, rewards, next_obs, terminated = batch  # (M, B, ...) each
-    with torch.no_grad():
-        y = rewards + gamma * (1.0 - terminated) * forward(target, next_obs, k, obs_divisor)[0].max(dim=2).values
-        q, (x, h1, h2) = forward(params, obs, k, obs_divisor)
-        q_taken = q.gather(2, actions[..., None]).squeeze(2)
-        delta = q_taken - y  # Q(s, a) - y
-        dq = torch.zeros_like(q).scatter_(2, actions[..., None], (delta / delta.shape[1])[..., None])  # dLoss/dQ
-        # the head: dQ(s, a)/du(s, b) = [a == b] + k/|A|, so each TD error also moves every action's u by k/|A| of it
-        du = dq + dq.sum(dim=2, keepdim=True) * k / q.shape[2]
-        dh2 = torch.where(h2 > 0, du @ params[4].transpose(1, 2), 0.0)  # back through layer 3, then its ReLU
-        dh1 = torch.where(h1 > 0, dh2 @ params[2].transpose(1, 2), 0.0)
-        grads = []
-        for inputs, d in ((x, dh1), (h1, dh2), (h2, du)):  # each layer: dW = inputs^T d, db = sum over the batch of d
-            grads += [inputs.transpose(1, 2) @ d, d.sum(dim=1, keepdim=True)]
-        return grads, dqn_meanexp.action_gap(q), q_taken
+def member_gradients(params: list, target: list, k: torch.Tensor, obs_divisor: float, gamma: float, batch: tuple) -> tuple:
+    """One member's gradient of dqn_meanexp.td_loss itself, its networks being the population's forward for that member
+    (torch.func.grad), with its action gap and the Q of its batch's taken actions. `gradients` maps it over the members."""
+    def network(p: list):
+        return lambda x: forward([t[None] for t in p], x[None], k[None], obs_divisor)[0][0]
+
+    grads, q = torch.func.grad(lambda p: dqn_meanexp.td_loss(network(p), network(target), batch, gamma), has_aux=True)(params)
+    return grads, dqn_meanexp.action_gap(q), q.gather(1, batch[1][:, None]).squeeze(1)
+
+
+# every member's gradients at once, each the one its single run's autograd computes (tests/test_lunar_sweep.py): vmap
+# turns each product into one batched product over the members (issue 32: 0-9% slower than the chain rule written out
+# by hand, which this replaced, benchmarks/sweep_gradients.py; a copy of td_loss's derivative is no longer kept here)
+gradients = torch.func.vmap(member_gradients, in_dims=(0, 0, 0, None, None, 0))
 
 
 class Population:
@@ -122,7 +117,7 @@ class Population:
         for k, seed in members:
             torch.manual_seed(seed)  # as dqn_meanexp.main: the network's initial weights
             networks.append(dqn_meanexp.QNetwork(self.obs_size, self.n_actions, k, args.obs_divisor))
-        self.params = stack_networks(networks)  # plain tensors: gradients() computes their gradients, no autograd
+        self.params = stack_networks(networks)  # plain tensors: gradients() differentiates the loss functionally
         self.target = [p.clone() for p in self.params]
         # Adam is element-wise: one Adam over the stacks is every member's own. Its vectorized kernel rounds the last
         # few elements of a tensor (fewer than a vector) another way, so the output biases (|A| numbers a member) go

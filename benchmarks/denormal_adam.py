@@ -5,6 +5,7 @@ torch.set_flush_denormal(True), which dqn_meanexp.main and the sweep's workers s
     python benchmarks/denormal_adam.py
 """
 
+import argparse
 import os
 import sys
 import time
@@ -40,10 +41,13 @@ def ms_per_step(flush: bool, denormal: bool, steps: int = 200) -> float:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="timed Adam steps per setting (default 200)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, {sum(p.numel() for p in dqn_meanexp.QNetwork(8, 4, 4.0).parameters()):,} "
           "parameters")
     for denormal in (False, True):
         for flush in (False, True):
             print(f"averages {'denormal (1e-40)' if denormal else 'normal':16} flush_denormal={flush!s:5}: "
-                  f"{ms_per_step(flush, denormal):.3f} ms per Adam step", flush=True)
+                  f"{ms_per_step(flush, denormal, args.steps):.3f} ms per Adam step", flush=True)

@@ -40,8 +40,19 @@ def autograd_gradients(net, target, batch):
     return [t for i in (0, 2, 4) for t in (net.network[i].weight.grad.T, net.network[i].bias.grad[None])]
 
 
+COPY = ("dqn_meanexp_sweep.forward is the population's copy of dqn_meanexp.QNetwork.forward (in a stacked layout; "
+        "its gradients are those of dqn_meanexp.td_loss itself): change it with the network")
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_batched_gradients_are_each_members_autograd_gradients(compiled):
+    try:
+        check_batched_gradients(compiled)
+    except Exception as e:  # a change to QNetwork fails here: say where the population's copy of it lives
+        raise AssertionError(f"{COPY}\n{type(e).__name__}: {e}") from e
+
+
+def check_batched_gradients(compiled):
     nets, targets = networks(MEMBERS), networks(MEMBERS, offset=100)
     k = torch.tensor([m[0] for m in MEMBERS])[:, None, None]
     batch = random_batch(len(MEMBERS))

@@ -1,6 +1,10 @@
 """The repository keeps its promises to a newcomer."""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -24,3 +28,11 @@ def test_requirements_pin_the_cpu_installable_torch():
     lines = [line.split("#")[0].strip() for line in read("requirements.txt").splitlines()]
     assert "torch==2.13.0" in lines  # a loose torch pulls a multi-GB CUDA build on CPU machines
     assert all("==" in line for line in lines if line)  # every dependency pinned
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
+def test_every_benchmark_script_imports_and_answers_help(script):
+    """A benchmark whose imports broke (as replay_memory.py's once did, for months) fails here, not on its next use."""
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", script), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stdout + proc.stderr
