@@ -99,7 +99,7 @@ def member_gradients(params: list, target: list, k: torch.Tensor, obs_divisor: f
 
 
 # every member's gradients at once, each the one its single run's autograd computes (tests/test_lunar_sweep.py): vmap
-# turns each product into one batched product over the members (issue 32: 0-9% slower than the chain rule written out
+# turns each product into one batched product over the members (issue 32: at most 1% slower than the chain rule written out
 # by hand, which this replaced, benchmarks/sweep_gradients.py; a copy of td_loss's derivative is no longer kept here)
 gradients = torch.func.vmap(member_gradients, in_dims=(0, 0, 0, None, None, 0))
 
