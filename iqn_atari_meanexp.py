@@ -734,7 +734,11 @@ def main(args: Args):
                       q_record=torch.zeros(Q_RECORD, device=run.device), gap_rng=np.random.default_rng([args.seed, 1]))
     if run.resumed is None:
         rb.start_episodes(obs[:, -1])
-    state = run.begin(state, parts)  # a resumed run: the checkpoint's state; a new one: a first checkpoint
+        save_checkpoint(args, run, parts, state)  # a run killed before its first periodic checkpoint can still be resumed
+    else:
+        state = restore_checkpoint(args, run, parts, state)
+        run.write_config()  # the resume is recorded now that the run really goes on
+    run.start_progress(state.global_step)
     print(f"{ALGO} k={run.me_coef:g} on {args.env_id} ({run.n_actions} actions), {args.num_envs} env(s), "
           f"device {run.device}, logs in {run.dir}")
     train(args, run, parts, state)
@@ -765,8 +769,61 @@ def train(args: Args, run: longrun.Run, p: Parts, state: LoopState):
         if crossed(before, state.global_step, args.eval_interval):
             periodic_evaluation(args, run, p, state)
         run.report_progress(state)
-        run.checkpoint_when_due(before, state, p)
-    run.end_training(state, p)
+        # an env due to autoreset cannot be saved: a due checkpoint waits for the step after
+        if run.checkpoint_due(before, state.global_step) and not state.starting.any():
+            save_checkpoint(args, run, p, state)
+            run.checkpoint_written()  # after SIGINT, SIGTERM or SIGUSR1: exits here
+    if state.global_step > run.progress.start_step:
+        save_checkpoint(args, run, p, state)  # the end of training: a final evaluation cut short, or a longer run, goes on
+    p.envs.close()
+    run.training_ended()
+
+
+def save_checkpoint(args: Args, run: longrun.Run, p: Parts, state: LoopState):
+    """The checkpoint: everything the loop needs to go on exactly as if it had never stopped (longrun.py writes it)."""
+    check_finite(run, p, state)
+    run.save_checkpoint({**vars(state), "q_network": p.q_network.state_dict(),
+                         "target_network": p.target_network.state_dict(), "optimizer": p.optimizer.state_dict(),
+                         "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot,
+                         "rng": longrun.rng_states(run.device), "explore_rng": p.rng.bit_generator.state,
+                         "eval_rng": p.eval_rng.bit_generator.state,
+                         "replay": p.rb.state_dict() if args.checkpoint_buffer else None}, state.global_step)
+
+
+def restore_checkpoint(args: Args, run: longrun.Run, p: Parts, state: LoopState) -> LoopState:
+    """Continues exactly where the checkpoint (run.resumed, save_checkpoint's dict) left off."""
+    saved = run.resumed
+    # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
+    state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(state) if f.name in saved})
+    copy_out = lambda t: t.to(run.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
+    state.sums, state.bad_step, state.q_record = copy_out(state.sums), copy_out(state.bad_step), copy_out(state.q_record)
+    state.update_origin = tuple(state.update_origin)
+    if state.best_state is not None:
+        state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
+    p.q_network.load_state_dict(saved["q_network"])
+    p.target_network.load_state_dict(saved["target_network"])
+    p.optimizer.load_state_dict(saved["optimizer"])
+    p.envs.set_attr("snapshot", list(saved["envs"]))
+    p.eval_env.snapshot = saved["eval_env"]
+    if state.starting.any():  # only a final checkpoint has envs due to autoreset: their next step() is that reset
+        p.envs.set_attr("reset_on_next_step", state.starting.tolist())
+    longrun.set_rng_states(saved["rng"], run.device)
+    p.rng.bit_generator.state, p.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
+    if saved["replay"] is not None:
+        p.rb.load_state_dict(saved["replay"])
+    else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
+        p.rb.start_episodes(state.obs[:, -1])
+        state.update_origin = (state.global_step + args.learning_starts, state.updates)
+    print(f"resumed {run.dir} at step {state.global_step:,}")
+    run.resumed = None  # closes the file's memory map
+    return state
+
+
+def check_finite(run: longrun.Run, p: Parts, state: LoopState):
+    """Stops the run (keeping its last good checkpoint) once a loss, a Q-value or a weight is not finite. A device sync:
+    at log points and checkpoints only."""
+    weights_finite = bool(torch.stack([w.isfinite().all() for w in p.q_network.parameters()]).all())
+    run.stop_if_not_finite(int(state.bad_step), weights_finite, state.global_step)
 
 
 def act(q_network: nn.Module, obs: np.ndarray, epsilon: float, rng, n_actions: int, device) -> np.ndarray:
@@ -811,7 +868,7 @@ def log_training(run: longrun.Run, p: Parts, state: LoopState, epsilon: float):
     step, writer = state.global_step, run.writer
     if state.updates > state.logged_updates:
         loss, q_mean, gap = (state.sums / (state.updates - state.logged_updates)).tolist()
-        run.check_finite(state, p)
+        check_finite(run, p, state)
         writer.add_scalar("losses/td_loss", loss, step)
         writer.add_scalar("losses/q_values", q_mean, step)
         writer.add_scalar("metrics/action_gap", gap, step)

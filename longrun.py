@@ -340,7 +340,7 @@ class Run:
         if resumed is None:
             table = "\n".join(f"|{k}|{v}|" for k, v in settings.items())
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        self.checkpoint_due = False
+        self.interval_due = False  # a --checkpoint-interval checkpoint is due (checkpoint_due)
 
     def write_config(self):
         try:
@@ -348,62 +348,22 @@ class Run:
         except StorageError as e:
             self.fail_storage(f"writing {os.path.join(self.dir, 'config.json')} failed ({e.__cause__})")
 
-    def begin(self, state, p):
-        """The state the loop starts from: a resumed run's, restored exactly; a new run's, checkpointed at once."""
-        if self.resumed is not None:
-            state = self.restore(state, p)
-            self.write_config()  # the resume is recorded now that the run really goes on
-        else:
-            self.checkpoint(state, p)  # a run killed before its first periodic checkpoint can still be resumed
-        self.progress = Progress(self.args, state.global_step, time.time())
-        return state
+    def start_progress(self, step: int):
+        """The progress line counts from here: the script calls it once its loop state is set up (or restored)."""
+        self.progress = Progress(self.args, step, time.time())
 
     def memory_taken(self):
         """The script calls this once its replay buffer's pages are written: lets go of check_memory's lock."""
         release_memory_lock()
 
-    def restore(self, state, p):
-        """Continues exactly where the checkpoint left off."""
-        saved, args = self.resumed, self.args
-        copy_out = lambda t: t.to(self.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
-        # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
-        state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(state) if f.name in saved})
-        for name, value in vars(state).items():  # the loop's tensors (sums, flags, records) back on the run's device
-            if isinstance(value, torch.Tensor):
-                setattr(state, name, copy_out(value))
-        state.update_origin = tuple(state.update_origin)
-        if state.best_state is not None:
-            state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
-        p.q_network.load_state_dict(saved["q_network"])
-        p.target_network.load_state_dict(saved["target_network"])
-        p.optimizer.load_state_dict(saved["optimizer"])
-        p.envs.set_attr("snapshot", list(saved["envs"]))
-        p.eval_env.snapshot = saved["eval_env"]
-        if state.starting.any():  # only a final checkpoint has envs due to autoreset: their next step() is that reset
-            p.envs.set_attr("reset_on_next_step", state.starting.tolist())
-        set_rng_states(saved["rng"], self.device)
-        p.rng.bit_generator.state, p.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
-        if saved["replay"] is not None:
-            p.rb.load_state_dict(saved["replay"])
-        else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
-            p.rb.start_episodes(state.obs[:, -1])
-            state.update_origin = (state.global_step + args.learning_starts, state.updates)
-        print(f"resumed {self.dir} at step {state.global_step:,}")
-        self.resumed = None  # closes the file's memory map
-        return state
-
-    def checkpoint(self, state, p):
-        """Writes everything the loop needs to go on exactly as if it had never stopped."""
-        self.check_finite(state, p)
+    def save_checkpoint(self, contents: dict, step: int):
+        """Writes the dict the script built of its state (everything its loop needs to go on exactly as if it had never
+        stopped) as the run's checkpoint: atomically, keeping --keep-checkpoints of them."""
         try:
             self.writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
         except OSError as e:
-            self.fail_storage(f"writing the TensorBoard events of step {state.global_step:,} failed ({e})")
-        saved = {"algo": self.x.algo, **vars(state), "q_network": p.q_network.state_dict(),
-                 "target_network": p.target_network.state_dict(), "optimizer": p.optimizer.state_dict(),
-                 "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot, "rng": rng_states(self.device),
-                 "explore_rng": p.rng.bit_generator.state, "eval_rng": p.eval_rng.bit_generator.state,
-                 "replay": p.rb.state_dict() if self.args.checkpoint_buffer else None}
+            self.fail_storage(f"writing the TensorBoard events of step {step:,} failed ({e})")
+        saved = {"algo": self.x.algo, **contents}
         keep_previous = self.args.keep_checkpoints > 1 and self.checkpoint_step is not None
         older = os.path.join(self.dir, OLDER_CHECKPOINT.format(step=self.checkpoint_step)) if keep_previous else None
         try:
@@ -411,9 +371,9 @@ class Run:
         except StorageError as e:
             kept = (f"{self.checkpoint_path} still holds step {self.checkpoint_step:,}" if self.checkpoint_step is not None
                     else "there is no earlier checkpoint")
-            self.fail_storage(f"writing the checkpoint of step {state.global_step:,} failed ({e.__cause__}); the "
+            self.fail_storage(f"writing the checkpoint of step {step:,} failed ({e.__cause__}); the "
                               f"temporary file is removed and {kept}")
-        self.checkpoint_step = state.global_step
+        self.checkpoint_step = step
         for name in older_checkpoints(self.dir)[self.args.keep_checkpoints - 1:]:  # the newest first: keep N in all
             try:
                 os.remove(os.path.join(self.dir, name))
@@ -429,22 +389,24 @@ class Run:
             self.fail_storage(f"writing {path} failed ({e.__cause__}); the checkpoint holds the whole run, so --resume "
                               "saves it again")
 
-    def checkpoint_when_due(self, before: int, state, p):
-        """Every --checkpoint-interval steps, and on SIGTERM/SIGUSR1 (then exits for a requeue)."""
-        interval = self.args.checkpoint_interval  # due: a multiple of it in (before, now], as the loop's crossed()
-        self.checkpoint_due |= interval > 0 and state.global_step // interval > before // interval
-        if (self.checkpoint_due or self.stop_signals) and not state.starting.any():  # an env due to autoreset cannot be saved
-            self.checkpoint(state, p)
-            self.checkpoint_due = False
-            if self.stop_signals:
-                self.exit_for_requeue(self.stop_signals[0])
+    def checkpoint_due(self, before: int, step: int) -> bool:
+        """A checkpoint is due: every --checkpoint-interval steps (a multiple in (before, step], as the loop's crossed()),
+        and after SIGINT, SIGTERM or SIGUSR1. A due checkpoint stays due until checkpoint_written()."""
+        interval = self.args.checkpoint_interval
+        self.interval_due |= interval > 0 and step // interval > before // interval
+        return self.interval_due or bool(self.stop_signals)
 
-    def check_finite(self, state, p):
-        """Stops the run, keeping the last good checkpoint, once a loss, a Q-value or a weight is not finite."""
-        step = int(state.bad_step)  # a device sync: only at log points and checkpoints
-        weights_ok = bool(torch.stack([w.isfinite().all() for w in p.q_network.parameters()]).all())
-        if step >= 0 or not weights_ok:
-            where = f"at step {step:,}" if step >= 0 else f"in the network's weights by step {state.global_step:,}"
+    def checkpoint_written(self):
+        """After a due checkpoint: where a signal asked for it, exits (for a requeue, or 130 after Ctrl-C)."""
+        self.interval_due = False
+        if self.stop_signals:
+            self.exit_for_requeue(self.stop_signals[0])
+
+    def stop_if_not_finite(self, bad_step: int, weights_finite: bool, step: int):
+        """Stops the run, keeping the last good checkpoint, where the script found a loss or Q-value (first at bad_step;
+        -1: none) or a weight that is not finite."""
+        if bad_step >= 0 or not weights_finite:
+            where = f"at step {bad_step:,}" if bad_step >= 0 else f"in the network's weights by step {step:,}"
             kept = f"its last good checkpoint, of step {self.checkpoint_step:,}, is kept in {self.checkpoint_path}"
             self.release()
             fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
@@ -483,10 +445,8 @@ class Run:
         if line is not None:
             print(line, flush=True)
 
-    def end_training(self, state, p):
-        if state.global_step > self.progress.start_step:
-            self.checkpoint(state, p)  # the end of training: a final evaluation cut short, or a longer run, resumes from here
-        p.envs.close()
+    def training_ended(self):
+        """Training is over and checkpointed: from here a signal stops the final evaluation at once."""
         self.training_done = True
         for sig in self.previous_handlers:  # the checkpoint holds the whole run: a signal stops the final evaluation now
             signal.signal(sig, self.exit_for_requeue)

@@ -16,7 +16,8 @@ SHARED = {"make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffe
           "discounted_returns", "episode_statistics", "evaluate", "EVAL_STATISTICS", "crossed", "main", "LoopState", "Parts",
           "train", "act", "record_episodes", "learn", "log_training", "periodic_evaluation", "final_evaluation",
           "FireAfterLifeLoss", "final_statistics", "make_eval_env", "EVAL_LOGGED", "EXPERIMENT", "parse_args",
-          "Q_RECORD", "measure_action_gap", "record_q", "claim_statistics"}
+          "Q_RECORD", "measure_action_gap", "record_q", "claim_statistics", "save_checkpoint", "restore_checkpoint",
+          "check_finite"}
 # shared flags whose default, type or text differ (PAPER.md): the optimizer's values, IQN's 200 final episodes, k's default
 ARGS_DIFFERENCES = {"exp_name", "learning_rate", "optimizer_eps", "final_eval_episodes", "me_coef"}
 DQN_ONLY_FLAGS = {"network", "loss", "optimizer", "rdq_penalty"}  # IQN has one network, loss and optimizer
