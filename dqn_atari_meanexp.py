@@ -21,6 +21,7 @@ import atexit
 import copy
 import dataclasses
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple, Optional
@@ -762,12 +763,22 @@ def main(args: Args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.eval_model is not None:
         return longrun.evaluate_saved_model(args, EXPERIMENT)  # no training: --eval-model
-    run = longrun.Run.start(args, EXPERIMENT)  # checks, seeds, device, |A| and k, run directory, TensorBoard, signals
+    longrun.check_command_line(args, EXPERIMENT)  # every bad flag named at once (exit 2), before anything is written
+    probe = make_env(args, args.seed)()  # the game's number of actions |A|: one env, built and closed
+    n_actions = int(probe.action_space.n)
+    probe.close()
+    me_coef = default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)  # k
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    run = longrun.Run.start(args, EXPERIMENT, n_actions, me_coef, device)  # memory, disk, run directory, TensorBoard
     if run is None:
         return  # a finished run: nothing to do
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, run.device, seed=args.seed)  # its pages are written now
+    random.seed(args.seed)  # seeding, as CleanRL: Python's, NumPy's and PyTorch's generators
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the network's initial weights
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, device, seed=args.seed)  # its pages are written now
     run.memory_taken()  # so the memory check of a run starting next on this machine counts them
-    q_network = make_network(args, run.n_actions, run.me_coef).to(run.device)
+    q_network = make_network(args, n_actions, me_coef).to(device)
     target_network = copy.deepcopy(q_network)
     loss_fn = LOSS
     if args.compile:  # static graphs, one per batch shape: the whole loss (both networks' paths in it), and acting
@@ -779,9 +790,9 @@ def main(args: Args):
     parts = Parts(q_network, target_network, make_optimizer(args, q_network), rb, envs, eval_env,
                   rng=np.random.default_rng(args.seed), eval_rng=eval_rng, loss_fn=loss_fn)
     obs, _ = envs.reset(seed=args.seed)
-    state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=run.device),
-                      bad_step=torch.tensor(-1, device=run.device), update_origin=(args.learning_starts, 0),
-                      q_record=torch.zeros(Q_RECORD, device=run.device), gap_rng=np.random.default_rng([args.seed, 1]))
+    state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=device),
+                      bad_step=torch.tensor(-1, device=device), update_origin=(args.learning_starts, 0),
+                      q_record=torch.zeros(Q_RECORD, device=device), gap_rng=np.random.default_rng([args.seed, 1]))
     if run.resumed is None:
         rb.start_episodes(obs[:, -1])
         save_checkpoint(args, run, parts, state)  # a run killed before its first periodic checkpoint can still be resumed
@@ -789,8 +800,8 @@ def main(args: Args):
         state = restore_checkpoint(args, run, parts, state)
         run.write_config()  # the resume is recorded now that the run really goes on
     run.start_progress(state.global_step)
-    print(f"{ALGO} k={run.me_coef:g} on {args.env_id} ({run.n_actions} actions), {args.num_envs} env(s), "
-          f"device {run.device}, logs in {run.dir}")
+    print(f"{ALGO} k={me_coef:g} on {args.env_id} ({n_actions} actions), {args.num_envs} env(s), "
+          f"device {device}, logs in {run.dir}")
     train(args, run, parts, state)
     final_evaluation(args, run, parts, state)
 

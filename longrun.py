@@ -224,6 +224,13 @@ def parse_args(x: Experiment, argv=None):
     return tyro.cli(x.args_type, args=argv, default=default)
 
 
+def check_command_line(args, x: Experiment):
+    """Refuses a bad command line before anything is built or written: names every problem, exits with code 2."""
+    errors = check_args(args, x) + (check_resume(args, x) if args.resume is not None else [])
+    if errors:
+        fail(errors)
+
+
 def check_resume(args, x: Experiment) -> list:
     """Returns one message per reason --resume cannot continue the run (empty when it can)."""
     run_dir = args.resume
@@ -272,11 +279,9 @@ class Run:
     """One run's directory, config.json, TensorBoard writer, progress line, checkpoints and signals."""
 
     @classmethod
-    def start(cls, args, x: Experiment) -> Optional["Run"]:
-        """Checks everything before anything is written; None where a resumed run is already finished."""
-        errors = check_args(args, x) + (check_resume(args, x) if args.resume is not None else [])
-        if errors:
-            fail(errors)
+    def start(cls, args, x: Experiment, n_actions: int, me_coef: float, device: torch.device) -> Optional["Run"]:
+        """The run of a command line that check_command_line passed, with the game's |A|, the run's k and the device the
+        script chose: checks memory and disk before anything is written; None where a resumed run is already finished."""
         resumed, lock = None, None  # resumed: the checkpoint we continue from (its tensors stay in the file until copied)
         if args.resume is not None:
             lock = lock_run_dir(args.resume)  # before anything is read or written: one process per run directory
@@ -287,11 +292,12 @@ class Run:
                 print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
                       "(a larger --total-timesteps extends it)")
                 return None
-        return cls(args, x, resumed, lock)
+        return cls(args, x, resumed, lock, n_actions, me_coef, device)
 
-    def __init__(self, args, x: Experiment, resumed: Optional[dict], lock=None):
+    def __init__(self, args, x: Experiment, resumed: Optional[dict], lock, n_actions: int, me_coef: float,
+                 device: torch.device):
         self.args, self.x, self.resumed, self.lock = args, x, resumed, lock
-        self.n_actions, self.me_coef = actions_and_coef(args, x)
+        self.n_actions, self.me_coef, self.device = n_actions, me_coef, device
         check_memory(args, x)  # its lock is held until the script's buffer is written (memory_taken)
         if resumed is None:
             game = args.env_id.replace("/", "-")
@@ -304,7 +310,6 @@ class Run:
         self.checkpoint_path = os.path.join(self.dir, CHECKPOINT)
         self.checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
         self.checkpoint_bytes = check_disk(args, x, self.dir, self.n_actions, self.me_coef)
-        self.device = seed_and_device(args)
 
         # Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (a batch system's warning): checkpoint at the next safe point, then exit;
         # a second one while the checkpoint is written is only recorded, so the write always completes
