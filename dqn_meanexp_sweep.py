@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +41,8 @@ AUTHORS_KS = (0, 1, 4, 16, 32, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 6
 CURVE_KS = (0, 16, 32, 256, 2048, 8192, 16384, 32768)  # the k whose score curves its figure draws (params_to_plot)
 Z_95 = 1.959963984540054  # the authors' 95% interval: norm.ppf(0.975) standard errors
 # flags that change no number of a member (the population never saves, films, tracks or uses CUDA): a part may differ
-LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None  # for release_freed_memory
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None  # malloc_trim, prctl
+PR_SET_PDEATHSIG = 1  # prctl: the signal a process gets when its parent ends
 NOT_RESULTS = ("exp_name", "cuda", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model")
 
 
@@ -298,8 +300,12 @@ def write_json(path: str, data: dict):
     os.replace(path + ".tmp", path)
 
 
-def train_members(args: SweepArgs, members: list) -> dict:
+def train_members(args: SweepArgs, members: list, parent: int) -> dict:
     """One worker: trains its members as one population on one core, writes each member's evaluations.json."""
+    if LIBC is not None:  # Linux: this worker gets SIGTERM when the sweep's main process ends, however it ends
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the main process ended before that was set
+        sys.exit(1)
     torch.set_num_threads(1)
     started = time.perf_counter()
     pop = Population(args.dqn, members, args.compile)
@@ -382,7 +388,8 @@ def run_part(args: SweepArgs) -> Optional[dict]:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20))  # read by the spawned workers' malloc at start
     started = time.time()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(train_members, [args] * workers, [todo[w::workers] for w in range(workers)]))
+        results = list(pool.map(train_members, [args] * workers, [todo[w::workers] for w in range(workers)],
+                                [os.getpid()] * workers))
     wall = time.time() - started
     gemm_after = gemm_gflops()
     flop = sum(r["members"] * r["updates_per_member"] for r in results) * update_flop(

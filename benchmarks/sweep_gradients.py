@@ -64,8 +64,8 @@ if __name__ == "__main__":
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": sweep.machine(), "torch": torch.__version__, "threads": 1, "calls": args.calls, "rounds": args.rounds,
-               "ms_per_call": {}}
+    results = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": sweep.machine(),
+               "torch": torch.__version__, "threads": 1, "calls": args.calls, "rounds": args.rounds, "ms_per_call": {}}
     for m in args.members:
         params, target, k, batch = setup(m)
         inputs = (params, target, k, 10.0, 0.99, batch)

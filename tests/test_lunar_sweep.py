@@ -4,8 +4,10 @@ the sweep runs in parts into one folder, and the figure's numbers are the author
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -320,3 +322,27 @@ def test_the_claim_statistic_changes_no_training_of_a_compiled_population(monkey
     for i in range(len(members)):
         assert [r["mean"] for r in rows[i]] == [r["mean"] for r in stub_rows[i]]
         assert [r["average_q"] for r in stub_rows[i]] == [None, None, 0.0] != [r["average_q"] for r in rows[i]]
+
+
+def test_stopping_the_sweeps_main_process_stops_its_workers(tmp_path):
+    """SIGTERM to the main process (a batch system, kill) used to leave its workers training, writing members without
+    a part record, then waiting on a pipe forever (issue 34). They end with it now, and write nothing."""
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(tmp_path / "s"),
+                             "--ks", "0", "--seeds", "1", "2", "--dqn.total-timesteps", "100000", "--no-compile"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = set()
+    for line in proc.stdout:  # each worker prints its pid once it has evaluated its untrained members
+        if line.startswith("worker "):
+            workers.add(int(line.split()[1].rstrip(":")))
+        if len(workers) == 2:
+            break
+    proc.terminate()
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.2)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the sweep's main process"
+    assert not (tmp_path / "s" / "runs").exists()
