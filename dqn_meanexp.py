@@ -286,8 +286,10 @@ def main(args: Args) -> list:
                 group = "claims" if key in ("average_q", "average_action_gap", "relative_action_gap") else "eval"
                 writer.add_scalar(f"{group}/{key}", value, step)
         print(f"step {step:,}: mean score {stats['mean']:.1f} over {stats['episodes']:.0f} greedy episodes")
-        with open(os.path.join(run_dir, "evaluations.json"), "w") as f:
+        path = os.path.join(run_dir, "evaluations.json")
+        with open(path + ".tmp", "w") as f:  # then renamed over the old one: a stop or a full disk mid-write loses no row
             json.dump({"config": {**asdict(args), "n_actions": n_actions}, "evaluations": evaluations}, f, indent=1)
+        os.replace(path + ".tmp", path)
 
     eval_env.reset(seed=2**32 - 1 - args.seed)  # seeds the evaluation games once; later resets continue its RNG
     record_evaluation(0)  # the authors' first point: the untrained network

@@ -134,3 +134,23 @@ def test_bad_flags_are_refused_before_anything_is_written(in_tmp, flags, message
     assert result.returncode == 2
     assert message in result.stderr and "--eval-episodes must be in [1, inf]" in result.stderr  # every error at once
     assert not os.path.exists("runs")
+
+
+def test_a_write_that_dies_midway_leaves_the_earlier_evaluations_whole(in_tmp, monkeypatch):
+    """evaluations.json is written beside and renamed over the old one: a Ctrl-C or a full disk during the write used
+    to leave it empty or cut mid-row (issue 34)."""
+    real_dump, calls = json.dump, []
+
+    def dies_on_the_second_write(data, f, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write('{"config": {"cut')
+            raise OSError(28, "No space left on device")
+        real_dump(data, f, **kwargs)
+
+    monkeypatch.setattr(json, "dump", dies_on_the_second_write)
+    with pytest.raises(OSError):
+        dqn.main(dqn.Args(**TINY))
+    monkeypatch.setattr(json, "dump", real_dump)
+    (run_dir,) = glob.glob("runs/LunarLander-v3__dqn_meanexp__k4__1__*")
+    assert [row["step"] for row in read_run(run_dir)["evaluations"]] == [0]
