@@ -505,6 +505,8 @@ class Progress:
         eta = format_duration((total - state.global_step) / rate) if rate > 0 else "n/a"
         if step_then < state.update_origin[0] < total:  # the window still holds the fast steps before learning
             eta = f"not known yet (learning starts at step {state.update_origin[0]:,})"
+        if state.global_step >= total:
+            eta = "none: training is done"
         recent = f"{np.mean(state.recent_returns):.1f}" if state.recent_returns else "n/a"
         return (f"step {state.global_step:,}/{total:,} ({100 * state.global_step / total:.1f}%) | {rate:,.0f} SPS recently | "
                 f"elapsed {format_duration(elapsed)} | ETA {eta} | {state.episodes:,} episodes, "

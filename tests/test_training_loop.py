@@ -63,3 +63,6 @@ def test_the_eta_waits_until_the_recent_window_holds_learning_steps_only():
     assert all("ETA not known yet (learning starts at step 50,000)" in line for line in lines[:5]), lines
     rate = (52_000 - 50_500) / 90  # the window: the lines at 50,500 (90 s earlier) to 52,000
     assert f"ETA {longrun.format_duration((1_000_000 - 52_000) / rate)}" in lines[5], lines[5]
+    state.global_step = 1_000_000  # a run shorter than the window: it never said learning had started (issue 34)
+    progress = longrun.Progress(args, step=0, now=0.0, window=3)
+    assert "ETA none: training is done" in progress.line(state, 10.0)
