@@ -253,6 +253,12 @@ def main(args: Args) -> list:
         env_errors = [f"--env-id {args.env_id}: {e}"]
     check_args(args, env_errors)
     run_dir = f"runs/{args.env_id.replace('/', '_')}__{args.exp_name}__k{args.me_coef:g}__{args.seed}__{int(time.time())}"
+    for n in range(2, 1000):  # a run started in the same second as another gets a directory of its own: ..._2, _3, ...
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
+            run_dir = f"{run_dir.rsplit('__', 1)[0]}__{int(time.time())}_{n}"
     env = make_env(args.env_id, os.path.join(run_dir, "videos") if args.capture_video else "")
     if args.track:
         import wandb

@@ -2,6 +2,7 @@
 evaluation statistics, exact values where the math gives them; a tiny run end to end; bad flags refused."""
 
 import glob
+import itertools
 import json
 import os
 import subprocess
@@ -154,3 +155,14 @@ def test_a_write_that_dies_midway_leaves_the_earlier_evaluations_whole(in_tmp, m
     monkeypatch.setattr(json, "dump", real_dump)
     (run_dir,) = glob.glob("runs/LunarLander-v3__dqn_meanexp__k4__1__*")
     assert [row["step"] for row in read_run(run_dir)["evaluations"]] == [0]
+
+
+def test_two_runs_started_in_the_same_second_keep_a_directory_each(in_tmp, monkeypatch):
+    ticks = itertools.count()
+    monkeypatch.setattr(dqn.time, "time", lambda: 1_800_000_000.0 + next(ticks) * 1e-6)  # all within one second
+    settings = dict(TINY, total_timesteps=250, eval_interval=250, eval_episodes=1)
+    first, second = dqn.main(dqn.Args(**settings)), dqn.main(dqn.Args(**settings))
+    dirs = sorted(glob.glob("runs/*"))
+    assert [os.path.basename(d) for d in dirs] == ["LunarLander-v3__dqn_meanexp__k4__1__1800000000",
+                                                  "LunarLander-v3__dqn_meanexp__k4__1__1800000000_2"]
+    assert [read_run(d)["evaluations"] for d in dirs] == [first, second]
