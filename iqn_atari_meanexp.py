@@ -17,9 +17,9 @@ dqn_atari_meanexp.py.
 
 How to read this script, top to bottom: Args (every flag; the defaults are the paper's protocol); the mean-expansion
 head and the network; the environment; the replay buffer; the loss and the update; evaluation; the training loop
-(`main` and `train`: act, step, store, learn, sync the target, log, evaluate). The long-run machinery (flag checks,
-checkpoints and exact resume, signals, the run directory) is longrun.py, which must sit beside this file and which a
-first reading can skip; the last section says what this script hands it.
+(`main`: |A|, k, device, seeds, buffer, networks, envs; `train`: act, step, store, learn, sync, log, evaluate; a checkpoint
+holds what `save_checkpoint` builds). The long-run machinery it calls (flag checks, run directory, checkpoint files, signals,
+memory, disk, progress) is longrun.py, beside this file, which a first reading can skip; the last section says what it gets.
 """
 
 import atexit
