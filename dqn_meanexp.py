@@ -91,6 +91,13 @@ def check_args(args: Args, errors: list) -> None:
               "eval_episodes": (1, inf), "start_e": (0, 1), "end_e": (0, 1), "gamma": (0, 1)}
     errors = errors + [f"--{n.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, n)}"
                        for n, (lo, hi) in bounds.items() if not lo <= getattr(args, n) <= hi]
+    finite = ("me_coef", "learning_rate", "adam_eps", "obs_divisor", "reward_scale")  # nan and inf would train to NaN
+    errors += [f"--{n.replace('_', '-')} must be a finite number, got {getattr(args, n)}"
+               for n in finite if not np.isfinite(getattr(args, n))]
+    if not 0 <= args.seed < 2**32 - 1:  # NumPy's seeds; the evaluation env gets 2^32 - 1 - seed
+        errors.append(f"--seed must be in [0, 2^32 - 2], got {args.seed}")
+    if not args.exp_name or "/" in args.exp_name or args.exp_name in (".", ".."):  # a part of the run directory's name
+        errors.append(f"--exp-name {args.exp_name!r} must be a plain name (no '/'), as it names the run's directory")
     if not args.batch_size <= args.learning_starts <= args.buffer_size:  # a batch is drawn without replacement
         errors.append(f"need --batch-size <= --learning-starts <= --buffer-size, got {args.batch_size}, "
                       f"{args.learning_starts}, {args.buffer_size}")

@@ -128,6 +128,13 @@ def test_capture_video_writes_the_training_episodes(in_tmp):
     (["--end-e", "1.5"], "--end-e must be in [0, 1]"),
     (["--env-id", "CarRacing-v3"], "needs a flat Box observation and Discrete actions"),
     (["--env-id", "NoSuchEnv-v0"], "--env-id NoSuchEnv-v0"),
+    (["--me-coef", "inf"], "--me-coef must be a finite number, got inf"),  # issue 34: these used to train to NaN
+    (["--obs-divisor", "nan"], "--obs-divisor must be a finite number, got nan"),
+    (["--reward-scale", "nan"], "--reward-scale must be a finite number, got nan"),
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32 - 2], got -1"),  # these gave tracebacks after the run directory
+    (["--seed", "4294967296"], "--seed must be in [0, 2^32 - 2], got 4294967296"),
+    (["--exp-name", "../../x"], "--exp-name '../../x' must be a plain name"),  # it escaped runs/
 ])
 def test_bad_flags_are_refused_before_anything_is_written(in_tmp, flags, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp.py"), *flags, "--eval-episodes", "0"],
