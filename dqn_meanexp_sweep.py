@@ -556,7 +556,12 @@ def plot(folder: str, figure_dir: str) -> dict:
 
 
 def main(args: SweepArgs):
-    errors = [f"--ks: k must be >= 0, got {k:g}" for k in args.ks if k < 0]
+    errors = [f"--ks: k must be a finite number >= 0, got {k:g}" for k in args.ks if not 0 <= k < float("inf")]
+    names = [os.path.basename(member_dir("", k, 1)) for k in args.ks]
+    errors += [f"--ks {a:.12g} and {b:.12g} would share one folder ({n}): give values that differ in 6 significant digits"
+               for i, (a, n) in enumerate(zip(args.ks, names))
+               for b, m in zip(args.ks[i + 1:], names[i + 1:]) if n == m and a != b]
+    errors += [f"--seeds: a seed must be in [0, 2^32 - 2], got {s}" for s in args.seeds if not 0 <= s < 2**32 - 1]
     errors += ["--ks and --seeds must each list at least one value, without repeats"] * (
         not args.ks or not args.seeds or len(set(args.ks)) < len(args.ks) or len(set(args.seeds)) < len(args.seeds))
     errors += [f"--workers must be at least 1, got {args.workers}"] * (args.workers < 1)

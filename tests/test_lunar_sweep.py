@@ -260,7 +260,10 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--ks", "-1"], "k must be >= 0"),
+    (["--ks", "-1"], "k must be a finite number >= 0"),
+    (["--ks", "nan"], "k must be a finite number >= 0, got nan"),  # issue 34: it wrote NaN into evaluations.json
+    (["--ks", "1000000", "1000001"], "--ks 1000000 and 1000001 would share one folder (k1e+06__seed1)"),
+    (["--seeds", "-1"], "--seeds: a seed must be in [0, 2^32 - 2], got -1"),
     (["--seeds", "1", "1"], "without repeats"),
     (["--workers", "0"], "--workers must be at least 1"),
     (["--dqn.batch-size", "0"], "--batch-size must be in [1, inf]"),
