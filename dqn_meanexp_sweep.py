@@ -565,6 +565,11 @@ def main(args: SweepArgs):
     errors += ["--ks and --seeds must each list at least one value, without repeats"] * (
         not args.ks or not args.seeds or len(set(args.ks)) < len(args.ks) or len(set(args.seeds)) < len(args.seeds))
     errors += [f"--workers must be at least 1, got {args.workers}"] * (args.workers < 1)
+    there = args.out  # found now, not after hours of training: an --out that cannot hold the sweep
+    while there and not os.path.exists(there):
+        there = os.path.dirname(there)
+    if os.path.exists(there or ".") and not (os.path.isdir(there or ".") and os.access(there or ".", os.W_OK | os.X_OK)):
+        errors.append(f"--out {args.out!r}: {there or '.'} is not a folder this user can write into")
     if not args.plot_only:
         try:
             dqn_meanexp.make_env(args.dqn.env_id).close()

@@ -264,12 +264,14 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     (["--ks", "nan"], "k must be a finite number >= 0, got nan"),  # issue 34: it wrote NaN into evaluations.json
     (["--ks", "1000000", "1000001"], "--ks 1000000 and 1000001 would share one folder (k1e+06__seed1)"),
     (["--seeds", "-1"], "--seeds: a seed must be in [0, 2^32 - 2], got -1"),
+    (["--out", "{tmp}/a_file/sweep"], "a_file is not a folder this user can write into"),  # it was found after training
     (["--seeds", "1", "1"], "without repeats"),
     (["--workers", "0"], "--workers must be at least 1"),
     (["--dqn.batch-size", "0"], "--batch-size must be in [1, inf]"),
 ])
 def test_bad_sweep_flags_are_refused_before_anything_is_written(tmp_path, flags, message):
-    result = run_sweep(tmp_path / "sweep", *flags)
+    (tmp_path / "a_file").write_text("")
+    result = run_sweep(tmp_path / "sweep", *(flag.format(tmp=tmp_path) for flag in flags))
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "sweep").exists()
 
