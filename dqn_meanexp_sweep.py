@@ -414,9 +414,14 @@ def load_sweep(folder: str) -> dict:
     """{k: {seed: evaluation rows}} of every evaluations.json under folder (a sweep's, or single runs' runs/)."""
     sweep, steps, settings, errors = {}, {}, {}, []
     for path in sorted(glob.glob(os.path.join(folder, "**", "evaluations.json"), recursive=True)):
-        with open(path) as f:
-            data = json.load(f)
-        config, rows = data["config"], data["evaluations"]
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            config, rows = data["config"], data["evaluations"]
+            config["seed"], config["me_coef"], [row["mean"] for row in rows]  # noqa: B018 (what the figures read)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            errors.append(f"{path} cannot be read ({type(e).__name__}: {e}): move it away, or train that member again")
+            continue
         if config["seed"] in sweep.get(config["me_coef"], {}):
             errors.append(f"{path}: k = {config['me_coef']:g}, seed {config['seed']} twice")
         sweep.setdefault(config["me_coef"], {})[config["seed"]] = rows

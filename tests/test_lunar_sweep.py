@@ -351,3 +351,15 @@ def test_stopping_the_sweeps_main_process_stops_its_workers(tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived the sweep's main process"
     assert not (tmp_path / "s" / "runs").exists()
+
+
+@pytest.mark.parametrize("content", ['{"config": {"me_coef": 0.0, "se', "{}", '{"config": {"me_coef": 0.0, "seed": 2}, '
+                                     '"evaluations": [{"step": 0}]}'])
+def test_a_damaged_member_is_named_not_a_traceback(tmp_path, content):
+    write_run(tmp_path, 0, 1, [1, 2, 3])
+    os.makedirs(tmp_path / "bad")
+    (tmp_path / "bad" / "evaluations.json").write_text(content)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(tmp_path),
+                             "--plot-only"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path / 'bad' / 'evaluations.json'} cannot be read" in result.stderr
