@@ -395,15 +395,19 @@ def run_part(args: SweepArgs) -> Optional[dict]:
     flop = sum(r["members"] * r["updates_per_member"] for r in results) * update_flop(
         results[0]["obs_size"], results[0]["n_actions"], args.dqn.batch_size)
     floor = flop / (max(gemm_before, gemm_after) * 1e9)  # the faster GEMM measurement: the stricter floor
+    if not flop:  # the members never learned (--dqn.total-timesteps below --dqn.learning-starts): no floor to set against
+        print(f"warning: {len(todo)} members made no update (--dqn.total-timesteps {args.dqn.total_timesteps:,} is below "
+              f"--dqn.learning-starts {args.dqn.learning_starts:,}): their scores are the untrained networks'",
+              file=sys.stderr)
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "code": code_version(),
               "members": todo,
               "machine": machine(), "workers": workers,
               "torch": torch.__version__, "compile": args.compile, "wall_seconds": wall, "flop": flop,
               "gemm_gflops_before": gemm_before, "gemm_gflops_after": gemm_after, "floor_seconds": floor,
-              "ratio_to_floor": wall / floor, "workers_detail": results}
+              "ratio_to_floor": wall / floor if floor else None, "workers_detail": results}
     write_json(os.path.join(args.out, "parts", time.strftime("%Y%m%d-%H%M%S") + ".json"), record)
     print(f"{len(todo)} members in {wall / 60:.1f} min; the GEMM floor of their updates {floor / 60:.1f} min "
-          f"(at {max(gemm_before, gemm_after):.0f} GFLOP/s): {wall / floor:.2f}x")
+          f"(at {max(gemm_before, gemm_after):.0f} GFLOP/s)" + (f": {wall / floor:.2f}x" if floor else ""))
     return record
 
 

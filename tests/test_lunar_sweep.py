@@ -363,3 +363,16 @@ def test_a_damaged_member_is_named_not_a_traceback(tmp_path, content):
                              "--plot-only"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert f"{tmp_path / 'bad' / 'evaluations.json'} cannot be read" in result.stderr
+
+
+def test_a_part_that_never_learns_says_so_and_still_draws_its_figures(tmp_path):
+    """--dqn.total-timesteps below --dqn.learning-starts: no update, so no floor (a ZeroDivisionError once, issue 34)."""
+    result = run_sweep(tmp_path / "s", "--ks", "0", "4", "--seeds", "1", "--dqn.total-timesteps", "150",
+                       "--dqn.eval-interval", "150")
+    assert result.returncode == 0, result.stderr
+    assert "made no update" in result.stderr
+    (part,) = glob.glob(str(tmp_path / "s" / "parts" / "*.json"))
+    assert json.load(open(part))["ratio_to_floor"] is None
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(tmp_path / "s"),
+                            "--plot-only"], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
