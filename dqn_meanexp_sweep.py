@@ -361,18 +361,22 @@ def update_flop(obs_size: int, n_actions: int, batch_size: int, hidden: int = 25
 
 def run_part(args: SweepArgs) -> Optional[dict]:
     """Trains the members the folder does not hold yet, in args.workers processes, and records the part."""
-    todo, config_errors = [], []
-    for k in args.ks:
-        for seed in args.seeds:
-            path = os.path.join(member_dir(args.out, k, seed), "evaluations.json")
-            if not os.path.exists(path):
-                todo.append((k, seed))
-                continue
+    todo = [(k, seed) for k in args.ks for seed in args.seeds
+            if not os.path.exists(os.path.join(member_dir(args.out, k, seed), "evaluations.json"))]
+    config_errors = []  # every member the folder holds, of any k and seed, must share these flags
+    for path in sorted(glob.glob(os.path.join(args.out, "runs", "*", "evaluations.json"))):
+        try:
             with open(path) as f:
                 held = json.load(f)["config"]
-            wanted = member_config(args.dqn, k, seed, held["n_actions"])
-            if any(held.get(n) != wanted.get(n) for n in {*held, *wanted} - set(NOT_RESULTS)):
-                config_errors.append(f"{path} was trained with other flags than these")
+            wanted = member_config(args.dqn, held["me_coef"], held["seed"], held["n_actions"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            config_errors.append(f"{path} cannot be read ({type(e).__name__}: {e})")
+            continue
+        differ = sorted(n for n in {*held, *wanted} - set(NOT_RESULTS) if held.get(n) != wanted.get(n))
+        if differ:
+            config_errors.append(f"{path} was trained with other flags than these: "
+                                 + ", ".join(f"--dqn.{n.replace('_', '-')} {held.get(n)} (here {wanted.get(n)})"
+                                             for n in differ))
     if config_errors:
         print("\n".join(f"error: {e}" for e in config_errors) + "\n(one folder per setting: choose another --out)",
               file=sys.stderr)

@@ -257,6 +257,11 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
                             "--seeds", "1", "--dqn.total-timesteps", "600"], capture_output=True, text=True, cwd=ROOT)
     assert mixed.returncode == 2 and "trained with other flags" in mixed.stderr
     assert sorted(os.listdir(out / "runs")) == before
+    # a member not yet in the folder, with flags other than the folder's: refused before training too (issue 34)
+    new_k = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(out), "--ks", "3",
+                            "--seeds", "1", "--dqn.total-timesteps", "600"], capture_output=True, text=True, cwd=ROOT)
+    assert new_k.returncode == 2 and "--dqn.total-timesteps 400 (here 600)" in new_k.stderr, new_k.stderr
+    assert sorted(os.listdir(out / "runs")) == before
 
 
 @pytest.mark.parametrize("flags,message", [
