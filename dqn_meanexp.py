@@ -272,6 +272,13 @@ def main(args: Args) -> list:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
                    config=vars(args), name=os.path.basename(run_dir), save_code=True)
     writer = SummaryWriter(run_dir)  # the flags are in evaluations.json
+    print(f"k={args.me_coef:g} on {args.env_id}, seed {args.seed}: logs in {run_dir}")
+    if args.total_timesteps < args.learning_starts:
+        print(f"warning: --total-timesteps {args.total_timesteps:,} is below --learning-starts {args.learning_starts:,}: "
+              "the network will make no update", file=sys.stderr)
+    if args.total_timesteps % args.eval_interval:
+        print(f"warning: --total-timesteps is not a multiple of --eval-interval: the last "
+              f"{args.total_timesteps % args.eval_interval:,} steps' network is never evaluated", file=sys.stderr)
     torch.set_flush_denormal(True)  # CPU: below 1e-38 is 0. Adam's averages of dead units decay there, 40x slower to compute
     torch.manual_seed(args.seed)  # the network's initial weights
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

@@ -173,3 +173,11 @@ def test_two_runs_started_in_the_same_second_keep_a_directory_each(in_tmp, monke
     assert [os.path.basename(d) for d in dirs] == ["LunarLander-v3__dqn_meanexp__k4__1__1800000000",
                                                   "LunarLander-v3__dqn_meanexp__k4__1__1800000000_2"]
     assert [read_run(d)["evaluations"] for d in dirs] == [first, second]
+
+
+def test_a_run_that_cannot_learn_or_ends_unevaluated_says_so_and_names_its_directory(in_tmp, capsys):
+    dqn.main(dqn.Args(total_timesteps=150, learning_starts=200, eval_interval=100, eval_episodes=1))
+    out, err = capsys.readouterr()
+    assert "logs in runs/LunarLander-v3__dqn_meanexp__k4__1__" in out
+    assert "the network will make no update" in err  # issue 34: these passed in silence
+    assert "the last 50 steps' network is never evaluated" in err
