@@ -12,6 +12,7 @@ k * mean_b u(s, b): every TD update on one action also moves the value all actio
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -83,9 +84,10 @@ class Args:  # the defaults are the authors' LunarLander experiment
     """episodes per evaluation"""
 
 
-def check_args(args: Args, errors: list) -> None:
-    """Refuses bad flags before anything is written: names every problem and exits with code 2, as tyro's own errors."""
-    inf = float("inf")
+def check_args(args: Args, errors: list, flag_prefix: str = "--") -> None:
+    """Refuses bad flags before anything is written: names every problem and exits with code 2, as tyro's own errors.
+    flag_prefix: how the caller's command line spells these flags (the sweep's: --dqn.)."""
+    inf, given = float("inf"), len(errors)
     bounds = {"me_coef": (0, inf), "total_timesteps": (0, inf), "exploration_steps": (0, inf), "batch_size": (1, inf),
               "target_network_frequency": (1, inf), "train_frequency": (1, inf), "eval_interval": (1, inf),
               "eval_episodes": (1, inf), "start_e": (0, 1), "end_e": (0, 1), "gamma": (0, 1)}
@@ -103,6 +105,7 @@ def check_args(args: Args, errors: list) -> None:
                       f"{args.learning_starts}, {args.buffer_size}")
     if not (args.learning_rate > 0 and args.adam_eps > 0 and args.obs_divisor != 0):
         errors.append("--learning-rate and --adam-eps must be > 0, --obs-divisor not 0")
+    errors = errors[:given] + [re.sub(r"--(?=[a-z])", flag_prefix, e) for e in errors[given:]]
     if errors:
         print("\n".join(f"error: {e}" for e in errors) + "\n(--help lists every flag)", file=sys.stderr)
         sys.exit(2)

@@ -588,7 +588,10 @@ def main(args: SweepArgs):
             dqn_meanexp.make_env(args.dqn.env_id).close()
         except (ValueError, dqn_meanexp.gym.error.Error) as e:
             errors.append(f"--dqn.env-id {args.dqn.env_id}: {e}")
-    dqn_meanexp.check_args(args.dqn, errors)  # exits with code 2 naming every error
+    errors += [f"--dqn.{name.replace('_', '-')} is set for each member by --{flag} (got {getattr(args.dqn, name)})"
+               for name, flag in (("seed", "seeds"), ("me_coef", "ks"))
+               if getattr(args.dqn, name) != getattr(dqn_meanexp.Args(), name)]
+    dqn_meanexp.check_args(args.dqn, errors, flag_prefix="--dqn.")  # exits with code 2 naming every error
     if not args.plot_only:
         run_part(args)
     return plot(args.out, args.figure_dir or args.out)

@@ -272,7 +272,9 @@ def test_the_sweep_runs_in_parts_into_one_folder_and_refuses_to_mix_settings(tmp
     (["--out", "{tmp}/a_file/sweep"], "a_file is not a folder this user can write into"),  # it was found after training
     (["--seeds", "1", "1"], "without repeats"),
     (["--workers", "0"], "--workers must be at least 1"),
-    (["--dqn.batch-size", "0"], "--batch-size must be in [1, inf]"),
+    (["--dqn.batch-size", "0"], "--dqn.batch-size must be in [1, inf]"),  # as the user typed it (issue 34)
+    (["--dqn.seed", "5"], "--dqn.seed is set for each member by --seeds (got 5)"),  # these were silently ignored
+    (["--dqn.me-coef", "7"], "--dqn.me-coef is set for each member by --ks (got 7.0)"),
 ])
 def test_bad_sweep_flags_are_refused_before_anything_is_written(tmp_path, flags, message):
     (tmp_path / "a_file").write_text("")
