@@ -66,7 +66,8 @@ class Args:
     capture_video: bool = False
     """whether to capture videos of the agent's games (first training env) into runs/{run_name}/videos"""
     save_model: bool = False
-    """whether to save the final and the best network to runs/{run_name}/"""
+    """whether to save the final network, and the best by periodic evaluation (none with --eval-interval 0), to
+    runs/{run_name}/"""
     track: bool = False
     """if toggled, track the run with Weights & Biases (pip install wandb); WANDB_MODE=offline writes it locally"""
     wandb_project_name: str = "meanexp-atari"
@@ -970,6 +971,8 @@ def final_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState):
         run.save_network(f"{args.exp_name}.cleanrl_model", p.q_network.state_dict())
         if state.best_state is not None:
             run.save_network(f"{args.exp_name}_best.cleanrl_model", state.best_state)
+        else:  # the final network is the one the final evaluation plays
+            print(f"no periodic evaluation (--eval-interval {args.eval_interval}): no {args.exp_name}_best.cleanrl_model")
     use_best = state.best_state is not None
     if use_best:
         p.q_network.load_state_dict(state.best_state)

@@ -521,7 +521,8 @@ def evaluate_saved_model(args, x: Experiment):
     errors = check_args(args, x) + ([] if args.resume is None else ["--eval-model and --resume exclude each other"])
     config = read_config(os.path.dirname(path) or ".")
     if not os.path.isfile(path):
-        errors.append(f"--eval-model {path!r}: no such file (--save-model writes runs/RUN/EXP_NAME.cleanrl_model)")
+        errors.append(f"--eval-model {path!r}: no such file (--save-model writes runs/RUN/EXP_NAME.cleanrl_model, and "
+                      "EXP_NAME_best.cleanrl_model only where the run had periodic evaluations)")
     elif config is not None and config["algo"] != x.algo:
         errors.append(f"--eval-model {path!r} is a {config['algo'].upper()} model: "
                       f"evaluate it with {config['algo']}_atari_meanexp.py")

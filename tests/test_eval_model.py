@@ -64,3 +64,15 @@ def test_eval_model_videos_hold_whole_games(trained):
     run("dqn", trained, "--eval-model", "runs/d/dqn_atari_meanexp.cleanrl_model", "--seed", "5", "--capture-video")
     # RecordVideo's schedule records games 1, 8, 27, ...; the reset that seeds the env plays no game and leaves no clip
     assert sorted(os.listdir(trained / "runs/d/videos")) == ["rl-video-episode-1.mp4"]
+
+
+def test_without_periodic_evaluations_no_best_network_is_saved_and_both_say_why(tmp_path):
+    """--save-model writes the best network only where there were periodic evaluations; the run and --eval-model of
+    the missing file both say so (issue 34: the documented command failed without a reason)."""
+    flags = [f for f in TINY if f != "--save-model"]
+    trained = run("dqn", tmp_path, *flags, "--save-model", "--eval-interval", "0", "--run-name", "once")
+    assert "no periodic evaluation (--eval-interval 0): no dqn_atari_meanexp_best.cleanrl_model" in trained.stdout
+    assert sorted(p for p in os.listdir(tmp_path / "runs" / "once") if p.endswith(".cleanrl_model")) == [
+        "dqn_atari_meanexp.cleanrl_model"]
+    refused = run("dqn", tmp_path, "--eval-model", "runs/once/dqn_atari_meanexp_best.cleanrl_model", code=2)
+    assert "only where the run had periodic evaluations" in refused.stderr
