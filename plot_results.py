@@ -163,6 +163,7 @@ def read_run(path: str):
         if os.path.exists(os.path.join(path, "final_eval.json")):
             with open(os.path.join(path, "final_eval.json")) as f:
                 final = json.load(f)
+            final["mean"], final["total_steps"]  # noqa: B018 (what the tables read: a KeyError here names the run)
         accumulator = EventAccumulator(path, size_guidance={"scalars": 0})  # applies the purges of resumed runs
         accumulator.Reload()
         tags = set(accumulator.Tags()["scalars"])
@@ -840,6 +841,8 @@ def main(args: Args):
         fail(f"--runs-dir {args.runs_dir!r} does not exist")
     if not os.path.isfile(args.games_csv):
         fail(f"--games-csv {args.games_csv!r} does not exist")
+    if os.path.exists(args.out_dir) and not (os.path.isdir(args.out_dir) and os.access(args.out_dir, os.W_OK | os.X_OK)):
+        fail(f"--out-dir {args.out_dir!r} is not a folder this user can write into (checked before reading the runs)")
     for name in ("reps", "curve_reps", "curve_points", "workers"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")

@@ -366,3 +366,17 @@ def test_claims_2_and_3_are_whole_run_means_compared_per_game_as_the_authors_plo
     assert f"IB-DQN(k), pong, seed 1: no relative action gap" in report and f"({runs / 'pong_ib_1'})" in report
     for name in ("claims_relative_action_gap_increase_ib_dqn_k_vs_dqn.png", "claims_overestimation_decrease_pct_ib_dqn_k_vs_dqn.png"):
         assert f"![{name}]({name})" in report and (tmp_path / "out" / name).exists()
+
+
+def test_a_file_as_out_dir_is_refused_first_and_a_final_eval_without_mean_is_named(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "good", "dqn", "ALE/Breakout-v5", 1, me_coef=0, final_mean=10.0, eval_returns=curve(10.0))
+    bad = write_run(runs, "bad", "dqn", "ALE/Breakout-v5", 2, me_coef=0, final_mean=10.0, eval_returns=curve(10.0))
+    with open(os.path.join(bad, "final_eval.json"), "w") as f:
+        f.write('{"scores": [1.0]}')  # no mean: a KeyError without a name once (issue 34)
+    (tmp_path / "a_file").write_text("")
+    refused = plot(runs, tmp_path / "a_file", code=2)
+    assert "--out-dir" in refused.stderr and "is not a folder this user can write into" in refused.stderr
+    done = plot(runs, tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"not read: {bad}: not a readable run (KeyError: 'mean')" in report, done.stdout
