@@ -3,23 +3,25 @@
     python dqn_atari_meanexp.py --env-id ALE/Breakout-v5              # mean-expansion, k = |A|
     python dqn_atari_meanexp.py --env-id ALE/Breakout-v5 --me-coef 0  # plain DQN
 
-The mean-expansion layer ("Accelerating Q-learning through Efficient Value-Sharing across Actions", Nagarajan
-et al., ICML 2026) turns the network's raw output u into Q(s, a) = u(s, a) + k * mean_b u(s, b), so every TD
-update on one action also moves the value shared by all actions of that state. It is the function
-`mean_expansion` below and the last line of `QNetwork.forward`; everything else is DQN as the paper's authors
-ran it (defaults = their protocol, see docs/protocol.md). The paper's other rows are flags: --optimizer
-rmsprop --loss huber (the Nature DQN's), --network dueling, --network rdq --loss mse.
+The mean-expansion layer ("Accelerating Q-learning through Efficient Value-Sharing across Actions", Nagarajan et al., ICML
+2026) turns the network's raw output u into Q(s, a) = u(s, a) + k * mean_b u(s, b), so every TD update on one action also
+moves the value shared by all actions of that state. It is the function `mean_expansion` below and the last line of
+`QNetwork.forward`; everything else is DQN as the paper's authors ran it (defaults = their protocol, see docs/protocol.md).
+The paper's other rows are flags: --optimizer rmsprop --loss huber (the Nature DQN's), --network dueling, --network rdq
+--loss mse.
 
-How to read this script, top to bottom: Args (every flag; the defaults are the paper's protocol); the mean-expansion
-head and the networks; the environment; the replay buffer; the loss and the update; evaluation; the training loop
-(`main`: |A|, k, device, seeds, buffer, networks, envs; `train`: act, step, store, learn, sync, log, evaluate; a checkpoint
-holds what `save_checkpoint` builds). The long-run machinery it calls (flag checks, run directory, checkpoint files, signals,
-memory, disk, progress) is longrun.py, beside this file, which a first reading can skip; the last section says what it gets.
+How to read this script, top to bottom: Args (defaults: the paper's protocol); the mean-expansion head and the networks; the
+environment; the replay buffer; the loss and the update; evaluation; the training loop: the flags' checks, `main` (|A|, k,
+device, the run, seeds, buffer, networks, envs), `train` (act, step, store, learn, sync, log, evaluate, checkpoint) and
+`save_checkpoint` (what a checkpoint holds). The long-run machinery (run directory, checkpoint files, signals, memory, disk,
+progress, --track) is longrun.py beside it: a library it calls, which a first reading can skip.
 """
 
 import atexit
 import copy
 import dataclasses
+import difflib
+import importlib.util
 import os
 import random
 import time
@@ -166,9 +168,6 @@ class Args:
         learning_rate, eps = PAPER_OPTIMIZER_SETTINGS[self.optimizer]
         self.learning_rate = learning_rate if self.learning_rate is None else self.learning_rate
         self.optimizer_eps = eps if self.optimizer_eps is None else self.optimizer_eps
-
-
-FIXED_SETTINGS = {}  # what config.json records of the algorithm besides the flags (DQN: all are flags)
 
 
 # ===========================================================================
@@ -341,6 +340,14 @@ def make_eval_env(args: Args, capture_video: bool = False, video_dir: str = ""):
     env = make_env(args, seed, capture_video, video_dir, evaluation=True)()
     env.reset(seed=seed)  # seeds the eval games once; later resets continue its RNG
     return env, np.random.default_rng(seed)
+
+
+def game_actions(args: Args) -> int:
+    """The game's number of actions |A|: one env, built and closed (before anything large is allocated)."""
+    probe = make_env(args, args.seed)()
+    n_actions = int(probe.action_space.n)
+    probe.close()
+    return n_actions
 
 
 # ===========================================================================
@@ -698,6 +705,32 @@ def final_statistics(result: dict) -> dict:
             **{key: result[key] for key in EVAL_LOGGED}}
 
 
+def evaluate_saved_model(args: Args):
+    """--eval-model: the saved network plays --final-eval-episodes games on the evaluation env (seeded 2^31 - 1 - seed,
+    the run's evaluation epsilon), as the run's final evaluation; prints the statistics and writes them beside it."""
+    path = args.eval_model
+    out = f"{os.path.splitext(path)[0]}_eval_seed{args.seed}.json"
+    longrun.check_eval_model(args, ALGO, out, check_args(args))  # every problem named at once (exit 2)
+    n_actions = game_actions(args)
+    network = make_network(args, n_actions, default_me_coef(args, n_actions) if args.me_coef is None else args.me_coef)
+    longrun.load_network(network, path, ALGO, f"{args.env_id} with {n_actions} actions (full action set: "
+                         f"{args.full_action_space})")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env, eval_rng = make_eval_env(args, args.capture_video, os.path.dirname(path) or ".")
+    longrun.forget_seeding_clip(env)
+    result = evaluate(network.to(device), env, device, args.eval_epsilon, args.gamma, eval_rng,
+                      max_episodes=args.final_eval_episodes)
+    env.close()
+    stats = final_statistics(result)
+    longrun.write_result(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed,
+                               "epsilon": args.eval_epsilon, **stats})
+    print(f"evaluation of {path}: mean {stats['mean']:.1f}, median {stats['median']:.1f} over {stats['episodes']} "
+          f"episodes, overestimation {stats['overestimation']} -> {out}")
+
+
 # ===========================================================================
 # The training loop
 # ===========================================================================
@@ -744,9 +777,12 @@ class LoopState:
 
 
 @dataclass
-class Parts:
-    """What the loop works with besides its state (a checkpoint holds these too)."""
+class TrainingSetup:
+    """What main builds for the loop, besides its state (a checkpoint holds their state too)."""
 
+    device: torch.device
+    n_actions: int  # |A|
+    me_coef: float  # k
     q_network: nn.Module
     target_network: nn.Module
     optimizer: torch.optim.Optimizer
@@ -758,19 +794,77 @@ class Parts:
     loss_fn: Callable  # the loss update() computes: compiled with --compile
 
 
+RESUME_MAY_CHANGE = ("cuda", "save_model", "compile", "compile_mode")  # besides the long-run flags (longrun.RESUME_MAY_CHANGE)
+
+
+def parse_args(argv=None) -> Args:
+    """The command line. With --resume RUN_DIR (or --eval-model), the flags not given take the run's saved settings."""
+    return longrun.parse_args(Args, argv)
+
+
+def check_args(args: Args) -> list:
+    """One message per bad flag of the experiment (empty when all are fine); longrun.py checks its own flags."""
+    errors = longrun.range_errors(
+        args, positive=["num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency", "frame_skip",
+                        "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate",
+                        "optimizer_eps"],
+        non_negative=["noop_max", "eval_interval", "exploration_steps", "learning_starts"],
+        probabilities=["start_e", "end_e", "eval_epsilon"])
+    if args.env_id not in gym.registry:
+        close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5"
+        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
+    elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
+        errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
+    if not 0.0 <= args.sticky_action_prob < 1.0:
+        errors.append(f"--sticky-action-prob must be in [0, 1) (got {args.sticky_action_prob})")
+    if not 0.0 < args.gamma <= 1.0:
+        errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
+    if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
+        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {ALGO.upper()}")
+    if args.batch_size > args.learning_starts:
+        errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
+                      "the first update would sample more transitions than the buffer holds")
+    if args.num_envs > 0 and args.buffer_size < ReplayBuffer.MIN_SLOTS_PER_ENV * args.num_envs:
+        errors.append(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs "
+                      f"(at least {ReplayBuffer.MIN_SLOTS_PER_ENV} per env)")
+    if args.batch_size > args.buffer_size > 0:
+        errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
+    if args.compile_mode != "default" and not args.compile:
+        errors.append(f"--compile-mode {args.compile_mode} applies with --compile only")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        errors.append("--capture-video needs moviepy: pip install moviepy")
+    return errors + algo_errors(args)
+
+
+def algo_errors(args: Args) -> list:
+    """The checks of this algorithm's own flags (check_args does the rest)."""
+    errors = []
+    if not args.rdq_penalty >= 0:
+        errors.append(f"--rdq-penalty must be >= 0 (got {args.rdq_penalty})")
+    if args.network != "rdq" and args.rdq_penalty != Args.rdq_penalty:
+        errors.append(f"--rdq-penalty applies to --network rdq only (this run's network is {args.network})")
+    return errors
+
+
 def main(args: Args):
     """Trains, evaluates and writes the run. Takes the Args of parse_args(): with --resume, its settings are the run's."""
     # TF32 from --tf32 in matmuls and convolutions alike (PyTorch's own default: in cuDNN's convolutions only)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.eval_model is not None:
-        return longrun.evaluate_saved_model(args, EXPERIMENT)  # no training: --eval-model
-    longrun.check_command_line(args, EXPERIMENT)  # every bad flag named at once (exit 2), before anything is written
-    probe = make_env(args, args.seed)()  # the game's number of actions |A|: one env, built and closed
-    n_actions = int(probe.action_space.n)
-    probe.close()
+        return evaluate_saved_model(args)  # no training: --eval-model
+    longrun.check_command_line(args, ALGO, check_args(args), RESUME_MAY_CHANGE)  # every bad flag at once (exit 2)
+    n_actions = game_actions(args)
     me_coef = default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)  # k
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    run = longrun.Run.start(args, EXPERIMENT, n_actions, me_coef, device)  # memory, disk, run directory, TensorBoard
+    game = args.env_id.replace("/", "-")
+    run_name = args.run_name or f"{game}__{args.exp_name}__k{me_coef:g}__{args.seed}__{int(time.time())}"
+    # a checkpoint (save_checkpoint) holds the online and target networks, the optimizer's two running averages and the
+    # best network so far, the envs and the generators; and the replay buffer with --checkpoint-buffer
+    weights = sum(t.numel() * t.element_size() for t in make_network(args, n_actions, me_coef).state_dict().values())
+    replay_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs)
+    run = longrun.start_run(args, ALGO, run_name, run_settings(args, run_name, n_actions, me_coef, device), replay_bytes,
+                            checkpoint_bytes=5 * weights + longrun.CHECKPOINT_EXTRA_BYTES)  # memory, disk, run directory
     if run is None:
         return  # a finished run: nothing to do
     random.seed(args.seed)  # seeding, as CleanRL: Python's, NumPy's and PyTorch's generators
@@ -788,103 +882,116 @@ def main(args: Args):
     envs = make_train_envs(args, run.dir)
     atexit.register(envs.close)  # however the run ends: the workers ignore SIGTERM, so only this stops them
     eval_env, eval_rng = make_eval_env(args)
-    parts = Parts(q_network, target_network, make_optimizer(args, q_network), rb, envs, eval_env,
-                  rng=np.random.default_rng(args.seed), eval_rng=eval_rng, loss_fn=loss_fn)
+    setup = TrainingSetup(device, n_actions, me_coef, q_network, target_network, make_optimizer(args, q_network), rb, envs,
+                          eval_env, rng=np.random.default_rng(args.seed), eval_rng=eval_rng, loss_fn=loss_fn)
     obs, _ = envs.reset(seed=args.seed)
     state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=device),
                       bad_step=torch.tensor(-1, device=device), update_origin=(args.learning_starts, 0),
                       q_record=torch.zeros(Q_RECORD, device=device), gap_rng=np.random.default_rng([args.seed, 1]))
     if run.resumed is None:
         rb.start_episodes(obs[:, -1])
-        save_checkpoint(args, run, parts, state)  # a run killed before its first periodic checkpoint can still be resumed
+        save_checkpoint(args, run, setup, state)  # a run killed before its first periodic checkpoint can still be resumed
     else:
-        state = restore_checkpoint(args, run, parts, state)
-        run.write_config()  # the resume is recorded now that the run really goes on
-    run.start_progress(state.global_step)
+        state = restore_checkpoint(args, run, setup, state)
+    run.begin(state.global_step)  # a resume is recorded in config.json; the progress line counts from here
     print(f"{ALGO} k={me_coef:g} on {args.env_id} ({n_actions} actions), {args.num_envs} env(s), "
           f"device {device}, logs in {run.dir}")
-    train(args, run, parts, state)
-    final_evaluation(args, run, parts, state)
+    train(args, run, setup, state)
+    final_evaluation(args, run, setup, state)
 
 
-def train(args: Args, run: longrun.Run, p: Parts, state: LoopState):
+FIXED_SETTINGS = {}  # what config.json records of the algorithm besides the flags (DQN: all are flags)
+
+
+def run_settings(args: Args, run_name: str, n_actions: int, me_coef: float, device: torch.device) -> dict:
+    """What config.json records: every setting the run used, those derived from the game and the machine included."""
+    # a resumed run's Args hold its k as a number: whether k was |A| by default is the run's first record
+    k_default = args.me_coef is None if args.resume is None else longrun.read_config(args.resume)["me_coef_default"]
+    return {**dataclasses.asdict(args), **FIXED_SETTINGS, "algo": ALGO, "run_name": run_name, "me_coef": me_coef,
+            "me_coef_default": k_default, "n_actions": n_actions,
+            "life_loss": "ends the training episode" if args.episodic_life else "does not end the episode",
+            "replay_bytes": ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs), "device": str(device),
+            "versions": {"torch": torch.__version__, "gymnasium": gym.__version__, "ale_py": ale_py.__version__,
+                         "numpy": np.__version__}}
+
+
+def train(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState):
     """Act, step, store, learn, sync the target, log, evaluate, until --total-timesteps (checkpointing on the way)."""
     while state.global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, state.global_step)
-        actions = act(p.q_network, state.obs, epsilon, p.rng, run.n_actions, run.device)
-        next_obs, rewards, terminated, truncated, infos = p.envs.step(actions)
+        actions = act(setup.q_network, state.obs, epsilon, setup.rng, setup.n_actions, setup.device)
+        next_obs, rewards, terminated, truncated, infos = setup.envs.step(actions)
         # state.starting is still the previous step's: where it is set, this step was an autoreset (no transition)
-        p.rb.add(next_obs[:, -1], state.starting, actions, rewards, terminated, truncated)
+        setup.rb.add(next_obs[:, -1], state.starting, actions, rewards, terminated, truncated)
         before = state.global_step
         state.global_step += int((~state.starting).sum())  # an autoreset step moves no game forward
         state.starting, state.obs = terminated | truncated, next_obs
         record_episodes(run.writer, infos, state)
 
-        learn(args, p, state)
+        learn(args, setup, state)
         if crossed(before, state.global_step, args.target_network_frequency):
-            p.target_network.load_state_dict(p.q_network.state_dict())
+            setup.target_network.load_state_dict(setup.q_network.state_dict())
             n_states = min(4 * args.batch_size, args.target_network_frequency - 1)  # the authors' stat_batch_size
-            if n_states > 0 and p.rb.valid.any():
-                state.gap_record.append(measure_action_gap(p.q_network, p.rb, n_states, state.gap_rng))
+            if n_states > 0 and setup.rb.valid.any():
+                state.gap_record.append(measure_action_gap(setup.q_network, setup.rb, n_states, state.gap_rng))
         if crossed(before, state.global_step, args.log_interval):
-            log_training(run, p, state, epsilon)
+            log_training(run, setup, state, epsilon)
         if crossed(before, state.global_step, args.eval_interval):
-            periodic_evaluation(args, run, p, state)
-        run.report_progress(state)
+            periodic_evaluation(args, run, setup, state)
+        run.report_progress(state.global_step, state.episodes, state.recent_returns, state.update_origin[0])
         # an env due to autoreset cannot be saved: a due checkpoint waits for the step after
         if run.checkpoint_due(before, state.global_step) and not state.starting.any():
-            save_checkpoint(args, run, p, state)
+            save_checkpoint(args, run, setup, state)
             run.checkpoint_written()  # after SIGINT, SIGTERM or SIGUSR1: exits here
     if state.global_step > run.progress.start_step:
-        save_checkpoint(args, run, p, state)  # the end of training: a final evaluation cut short, or a longer run, goes on
-    p.envs.close()
+        save_checkpoint(args, run, setup, state)  # the end of training: a final evaluation cut short, or a longer run, goes on
+    setup.envs.close()
     run.training_ended()
 
 
-def save_checkpoint(args: Args, run: longrun.Run, p: Parts, state: LoopState):
+def save_checkpoint(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState):
     """The checkpoint: everything the loop needs to go on exactly as if it had never stopped (longrun.py writes it)."""
-    check_finite(run, p, state)
-    run.save_checkpoint({**vars(state), "q_network": p.q_network.state_dict(),
-                         "target_network": p.target_network.state_dict(), "optimizer": p.optimizer.state_dict(),
-                         "envs": p.envs.get_attr("snapshot"), "eval_env": p.eval_env.snapshot,
-                         "rng": longrun.rng_states(run.device), "explore_rng": p.rng.bit_generator.state,
-                         "eval_rng": p.eval_rng.bit_generator.state,
-                         "replay": p.rb.state_dict() if args.checkpoint_buffer else None}, state.global_step)
+    check_finite(run, setup, state)
+    run.save_checkpoint({**vars(state), "q_network": setup.q_network.state_dict(),
+                         "target_network": setup.target_network.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                         "envs": setup.envs.get_attr("snapshot"), "eval_env": setup.eval_env.snapshot,
+                         "rng": longrun.rng_states(setup.device), "explore_rng": setup.rng.bit_generator.state,
+                         "eval_rng": setup.eval_rng.bit_generator.state,
+                         "replay": setup.rb.state_dict() if args.checkpoint_buffer else None}, state.global_step)
 
 
-def restore_checkpoint(args: Args, run: longrun.Run, p: Parts, state: LoopState) -> LoopState:
+def restore_checkpoint(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState) -> LoopState:
     """Continues exactly where the checkpoint (run.resumed, save_checkpoint's dict) left off."""
     saved = run.resumed
     # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
     state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(state) if f.name in saved})
-    copy_out = lambda t: t.to(run.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
+    copy_out = lambda t: t.to(setup.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
     state.sums, state.bad_step, state.q_record = copy_out(state.sums), copy_out(state.bad_step), copy_out(state.q_record)
     state.update_origin = tuple(state.update_origin)
     if state.best_state is not None:
         state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
-    p.q_network.load_state_dict(saved["q_network"])
-    p.target_network.load_state_dict(saved["target_network"])
-    p.optimizer.load_state_dict(saved["optimizer"])
-    p.envs.set_attr("snapshot", list(saved["envs"]))
-    p.eval_env.snapshot = saved["eval_env"]
+    setup.q_network.load_state_dict(saved["q_network"])
+    setup.target_network.load_state_dict(saved["target_network"])
+    setup.optimizer.load_state_dict(saved["optimizer"])
+    setup.envs.set_attr("snapshot", list(saved["envs"]))
+    setup.eval_env.snapshot = saved["eval_env"]
     if state.starting.any():  # only a final checkpoint has envs due to autoreset: their next step() is that reset
-        p.envs.set_attr("reset_on_next_step", state.starting.tolist())
-    longrun.set_rng_states(saved["rng"], run.device)
-    p.rng.bit_generator.state, p.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
+        setup.envs.set_attr("reset_on_next_step", state.starting.tolist())
+    longrun.set_rng_states(saved["rng"], setup.device)
+    setup.rng.bit_generator.state, setup.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
     if saved["replay"] is not None:
-        p.rb.load_state_dict(saved["replay"])
+        setup.rb.load_state_dict(saved["replay"])
     else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
-        p.rb.start_episodes(state.obs[:, -1])
+        setup.rb.start_episodes(state.obs[:, -1])
         state.update_origin = (state.global_step + args.learning_starts, state.updates)
     print(f"resumed {run.dir} at step {state.global_step:,}")
-    run.resumed = None  # closes the file's memory map
     return state
 
 
-def check_finite(run: longrun.Run, p: Parts, state: LoopState):
+def check_finite(run: longrun.Run, setup: TrainingSetup, state: LoopState):
     """Stops the run (keeping its last good checkpoint) once a loss, a Q-value or a weight is not finite. A device sync:
     at log points and checkpoints only."""
-    weights_finite = bool(torch.stack([w.isfinite().all() for w in p.q_network.parameters()]).all())
+    weights_finite = bool(torch.stack([w.isfinite().all() for w in setup.q_network.parameters()]).all())
     run.stop_if_not_finite(int(state.bad_step), weights_finite, state.global_step)
 
 
@@ -909,13 +1016,14 @@ def record_episodes(writer: SummaryWriter, infos: dict, state: LoopState):
             state.episodes += 1
 
 
-def learn(args: Args, p: Parts, state: LoopState):
+def learn(args: Args, setup: TrainingSetup, state: LoopState):
     """The updates now due: updates per agent step stay 1/train_frequency whatever the number of envs."""
     origin_step, origin_updates = state.update_origin
     if state.global_step <= origin_step:  # learning has not started yet
         return
     while state.updates < origin_updates + (state.global_step - origin_step) // args.train_frequency:
-        *losses, q_values = update(p.q_network, p.target_network, p.optimizer, p.rb.sample(args.batch_size), args, p.loss_fn)
+        batch = setup.rb.sample(args.batch_size)
+        *losses, q_values = update(setup.q_network, setup.target_network, setup.optimizer, batch, args, setup.loss_fn)
         stats = torch.stack(losses)
         state.sums += stats
         record_q(state, q_values)
@@ -924,13 +1032,13 @@ def learn(args: Args, p: Parts, state: LoopState):
         state.updates += 1
 
 
-def log_training(run: longrun.Run, p: Parts, state: LoopState, epsilon: float):
+def log_training(run: longrun.Run, setup: TrainingSetup, state: LoopState, epsilon: float):
     """TensorBoard: means over the updates since the last point, rate, epsilon. Here (.tolist(), check_finite) and
     at checkpoints are the loop's only device syncs."""
     step, writer = state.global_step, run.writer
     if state.updates > state.logged_updates:
         loss, q_mean, gap = (state.sums / (state.updates - state.logged_updates)).tolist()
-        check_finite(run, p, state)
+        check_finite(run, setup, state)
         writer.add_scalar("losses/td_loss", loss, step)
         writer.add_scalar("losses/q_values", q_mean, step)
         writer.add_scalar("metrics/action_gap", gap, step)
@@ -941,10 +1049,10 @@ def log_training(run: longrun.Run, p: Parts, state: LoopState, epsilon: float):
     writer.add_scalar("charts/updates", state.updates, step)
 
 
-def periodic_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState):
+def periodic_evaluation(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState):
     """Evaluates the online network and keeps the best one, which the protocol's final evaluation plays."""
     started = time.time()
-    result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng,
+    result = evaluate(setup.q_network, setup.eval_env, setup.device, args.eval_epsilon, args.gamma, setup.eval_rng,
                       max_steps=args.eval_steps)
     run.progress.eval_time += time.time() - started  # not training time
     state.evaluations += 1
@@ -958,57 +1066,34 @@ def periodic_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState
         if value is not None:
             run.writer.add_scalar(f"claims/{key}", value, state.global_step)
     if score > state.best_score:
-        state.best_score, state.best_state, state.best_step = score, copy.deepcopy(p.q_network.state_dict()), state.global_step
+        state.best_score, state.best_step = score, state.global_step
+        state.best_state = copy.deepcopy(setup.q_network.state_dict())
     over = "n/a (no episode finished)" if result["overestimation"] is None else f"{result['overestimation']:.3f}"
     gap = "n/a" if claims["relative_action_gap"] is None else f"{claims['relative_action_gap']:.4f}"
     print(f"evaluation {state.evaluations} at step {state.global_step:,}: mean score {score:.1f} over "
           f"{len(result['scores'])} episodes, overestimation {over}, relative action gap {gap}")
 
 
-def final_evaluation(args: Args, run: longrun.Run, p: Parts, state: LoopState):
+def final_evaluation(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState):
     """The best network (the last one without periodic evaluations) plays --final-eval-episodes games: final_eval.json."""
     if args.save_model:
-        run.save_network(f"{args.exp_name}.cleanrl_model", p.q_network.state_dict())
+        run.save_network(f"{args.exp_name}.cleanrl_model", setup.q_network.state_dict())
         if state.best_state is not None:
             run.save_network(f"{args.exp_name}_best.cleanrl_model", state.best_state)
         else:  # the final network is the one the final evaluation plays
             print(f"no periodic evaluation (--eval-interval {args.eval_interval}): no {args.exp_name}_best.cleanrl_model")
     use_best = state.best_state is not None
     if use_best:
-        p.q_network.load_state_dict(state.best_state)
-    result = evaluate(p.q_network, p.eval_env, run.device, args.eval_epsilon, args.gamma, p.eval_rng,
+        setup.q_network.load_state_dict(state.best_state)
+    result = evaluate(setup.q_network, setup.eval_env, setup.device, args.eval_epsilon, args.gamma, setup.eval_rng,
                       max_episodes=args.final_eval_episodes)
-    p.eval_env.close()
+    setup.eval_env.close()
     run.finish({
-        "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "me_coef": run.me_coef, "total_steps": state.global_step,
+        "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "me_coef": setup.me_coef, "total_steps": state.global_step,
         "network": f"best periodic evaluation (step {state.best_step})" if use_best else "final",
         "network_step": state.best_step if use_best else state.global_step, "epsilon": args.eval_epsilon,
         **final_statistics(result),
     })
-
-
-# ===========================================================================
-# What the long-run machinery (longrun.py: checkpoints, resume, signals, the run directory) is handed
-# ===========================================================================
-
-
-def algo_errors(args: Args) -> list:
-    """The checks of this algorithm's own flags (longrun.check_args does the rest)."""
-    errors = []
-    if not args.rdq_penalty >= 0:
-        errors.append(f"--rdq-penalty must be >= 0 (got {args.rdq_penalty})")
-    if args.network != "rdq" and args.rdq_penalty != Args.rdq_penalty:
-        errors.append(f"--rdq-penalty applies to --network rdq only (this run's network is {args.network})")
-    return errors
-
-
-EXPERIMENT = longrun.Experiment(ALGO, Args, FIXED_SETTINGS, algo_errors, make_env, make_eval_env, make_network,
-                                default_me_coef, ReplayBuffer, evaluate, final_statistics)
-
-
-def parse_args(argv=None) -> Args:
-    """The command line. With --resume RUN_DIR (or --eval-model), the flags not given take the run's saved settings."""
-    return longrun.parse_args(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":

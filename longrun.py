@@ -1,14 +1,15 @@
-"""The long-run machinery of dqn_atari_meanexp.py and iqn_atari_meanexp.py, kept once (as CleanRL keeps what is not the
-algorithm in cleanrl_utils): flag checks, the run directory (locked: one process per run) and config.json, checkpoints
-and exact resume, memory and disk checks, failed writes, signals and exit codes, the progress line, --track, --eval-model.
+"""The long-run machinery that dqn_atari_meanexp.py and iqn_atari_meanexp.py call (as CleanRL's scripts call
+cleanrl_utils): the run directory (locked: one process per run), config.json and the TensorBoard writer; checkpoint files
+and finding the newest on resume; memory and disk checks; failed writes; stop signals and exit codes; the progress line;
+--track; the pieces of --eval-model. A first reader can skip this file.
 
-A first reader can skip this file. Nothing in it changes a number a run reports: the experiment (network, loss,
-environment, replay buffer, evaluation, the loop) is in the scripts, which hand it what it calls as an `Experiment`.
+It is a library: the scripts call it, it never calls back into them. A script builds and reads its own checkpoint
+contents, chooses its seed, device and k, and checks its own flags; this module reads only the flags of LONG_RUN_FLAGS
+(where the run goes, how long it is, how it is kept and tracked) and changes no number a run reports.
 """
 
 import collections
 import dataclasses
-import difflib
 import fcntl
 import importlib.util
 import itertools
@@ -24,92 +25,59 @@ import sys
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
+LONG_RUN_FLAGS = ("run_name", "total_timesteps", "progress_interval", "checkpoint_interval", "checkpoint_buffer",
+                  "keep_checkpoints", "resume", "eval_model", "track", "wandb_project_name", "wandb_entity", "wandb_group",
+                  "capture_video")
+"""The flags this module reads (a script that calls it has them in its Args); every other flag is the script's own."""
 
-@dataclass(frozen=True)
-class Experiment:
-    """What a script hands the machinery: its algorithm's name and the pieces of its experiment the machinery calls (to
-    probe |A|, check and size the replay buffer, record the settings, and play a saved network for --eval-model)."""
-
-    algo: str  # "dqn" or "iqn": names the script; config.json and checkpoints record it
-    args_type: type  # the script's Args dataclass
-    fixed_settings: dict  # what config.json records of the algorithm besides the flags
-    algo_errors: Callable  # args -> messages about the algorithm's own flags
-    make_env: Callable  # (args, seed) -> a thunk that builds one env
-    make_eval_env: Callable  # (args, capture_video, video_dir) -> (the evaluation env, its epsilon generator)
-    make_network: Callable  # (args, n_actions, me_coef) -> the network
-    default_me_coef: Callable  # (args, n_actions) -> k where --me-coef is not given
-    replay_buffer: type  # the script's ReplayBuffer: its bytes_needed() and MIN_SLOTS_PER_ENV
-    evaluate: Callable  # the script's evaluate()
-    final_statistics: Callable  # what final_eval.json reports of an evaluation
+RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "keep_checkpoints", "progress_interval",
+                     "track", "wandb_project_name", "wandb_entity", "wandb_group")  # and a script's (check_command_line)
 
 
-def check_args(args, x: Experiment) -> list:
-    """Returns one message per bad setting (empty when all are fine)."""
-    errors = []
-    if args.env_id not in gym.registry:
-        close = difflib.get_close_matches(args.env_id, [i for i in gym.registry if "ALE/" in i or "NoFrameskip-v4" in i])
-        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "use e.g. ALE/Breakout-v5"
-        errors.append(f"--env-id {args.env_id!r} is not a registered gymnasium id; {hint}")
-    elif "ale_py" not in str(gym.registry[args.env_id].entry_point):
-        errors.append(f"--env-id {args.env_id!r} is not an Atari (ale-py) game; use e.g. ALE/Breakout-v5")
-    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "target_network_frequency", "train_frequency",
-                "frame_skip", "max_episode_steps", "eval_steps", "final_eval_episodes", "log_interval", "learning_rate",
-                "optimizer_eps", "progress_interval", "keep_checkpoints"]
-    non_negative = ["noop_max", "eval_interval", "exploration_steps", "learning_starts", "checkpoint_interval"]
-    probabilities = ["start_e", "end_e", "eval_epsilon"]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            errors.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in non_negative:
-        if not getattr(args, name) >= 0:
-            errors.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    for name in probabilities:
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            errors.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
-    if not 0.0 <= args.sticky_action_prob < 1.0:
-        errors.append(f"--sticky-action-prob must be in [0, 1) (got {args.sticky_action_prob})")
-    if not 0.0 < args.gamma <= 1.0:
-        errors.append(f"--gamma must be in (0, 1] (got {args.gamma})")
-    if args.me_coef is not None and not (0.0 <= args.me_coef < float("inf")):
-        errors.append(f"--me-coef must be a finite number >= 0 (got {args.me_coef}); 0 is plain {x.algo.upper()}")
-    if args.batch_size > args.learning_starts:
-        errors.append(f"--batch-size {args.batch_size} is larger than --learning-starts {args.learning_starts}: "
-                      "the first update would sample more transitions than the buffer holds")
-    if args.num_envs > 0 and args.buffer_size < x.replay_buffer.MIN_SLOTS_PER_ENV * args.num_envs:
-        errors.append(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs "
-                      f"(at least {x.replay_buffer.MIN_SLOTS_PER_ENV} per env)")
-    if args.batch_size > args.buffer_size > 0:
-        errors.append(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
+def range_errors(args, positive=(), non_negative=(), probabilities=()) -> list:
+    """One message per flag, of those named, outside its range: > 0, >= 0, or in [0, 1]."""
+    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
+    return ([f"{flag(n)} must be > 0 (got {getattr(args, n)})" for n in positive if not getattr(args, n) > 0] +
+            [f"{flag(n)} must be >= 0 (got {getattr(args, n)})" for n in non_negative if not getattr(args, n) >= 0] +
+            [f"{flag(n)} must be in [0, 1] (got {getattr(args, n)})" for n in probabilities
+             if not 0.0 <= getattr(args, n) <= 1.0])
+
+
+def check_flags(args) -> list:
+    """The checks of this module's own flags: one message per bad one."""
+    errors = range_errors(args, positive=["total_timesteps", "progress_interval", "keep_checkpoints"],
+                          non_negative=["checkpoint_interval"])
     if args.run_name is not None and (not args.run_name or "/" in args.run_name or args.run_name in (".", "..")):
         errors.append(f"--run-name {args.run_name!r} must be a plain directory name (no '/')")
-    if args.compile_mode != "default" and not args.compile:
-        errors.append(f"--compile-mode {args.compile_mode} applies with --compile only")
-    if args.capture_video and importlib.util.find_spec("moviepy") is None:
-        errors.append("--capture-video needs moviepy: pip install moviepy")
     if args.track and importlib.util.find_spec("wandb") is None:
         errors.append("--track needs wandb: pip install -r requirements-track.txt (docs/long-runs.md, 'Experiment "
                       "tracking')")
-    return errors + x.algo_errors(args)
+    return errors
 
 
-RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffer", "keep_checkpoints", "progress_interval",
-                     "cuda", "save_model", "compile", "compile_mode", "track", "wandb_project_name", "wandb_entity",
-                     "wandb_group")
+def check_command_line(args, algo: str, errors: list, resume_may_change: tuple = ()):
+    """Refuses a bad command line before anything is built or written: names every problem (the script's `errors` of its
+    own flags, this module's, and those of --resume), then exits with code 2. resume_may_change: the script's flags that
+    a resumed run may change, besides RESUME_MAY_CHANGE."""
+    errors = errors + check_flags(args)
+    if args.resume is not None:
+        errors += check_resume(args, algo, RESUME_MAY_CHANGE + tuple(resume_may_change))
+    if errors:
+        fail(errors)
 
 
 CHECKPOINT = "checkpoint.pt"  # in the run directory: the newest checkpoint
 OLDER_CHECKPOINT = "checkpoint_step{step}.pt"  # the ones --keep-checkpoints keeps besides it
 LOCK = "run.lock"  # in the run directory: locked by the one process that runs it, and naming it
+STEP = "global_step"  # the checkpoint's step: save_checkpoint writes it beside the script's contents (every checkpoint has it)
 
 
 def older_checkpoints(run_dir: str) -> list:
@@ -174,7 +142,7 @@ def load_newest_checkpoint(run_dir: str) -> dict:
         path = os.path.join(run_dir, name)
         try:
             saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            if not (isinstance(saved, dict) and "global_step" in saved):
+            if not (isinstance(saved, dict) and STEP in saved):
                 raise ValueError("not a checkpoint of these scripts")
         except OSError as e:  # the file is there but cannot be read now (permissions, I/O): not its content's fault
             fail([f"{path} cannot be opened ({e}); nothing was changed: fix the access, then --resume {run_dir} again"],
@@ -188,7 +156,7 @@ def load_newest_checkpoint(run_dir: str) -> dict:
             print(f"warning: {bad} cannot be read: truncated or corrupted ({why}); set aside as {aside}", file=sys.stderr)
             os.replace(bad, aside)  # keeps the evidence, and frees the name for the next checkpoint
         if unreadable:
-            print(f"warning: resuming from the newest readable checkpoint, {path} (step {saved['global_step']:,}): the "
+            print(f"warning: resuming from the newest readable checkpoint, {path} (step {saved[STEP]:,}): the "
                   "steps after it are trained again", file=sys.stderr)
         return saved
     fail([f"{bad} cannot be read: truncated or corrupted ({why})" for bad, why in unreadable] +
@@ -207,31 +175,24 @@ def read_config(run_dir: str) -> Optional[dict]:
     return config if isinstance(config, dict) and "algo" in config else None
 
 
-def parse_args(x: Experiment, argv=None):
-    """The command line. With --resume RUN_DIR (or --eval-model RUN_DIR/MODEL), the flags not given take the run's
-    saved settings, not the defaults."""
-    args = tyro.cli(x.args_type, args=argv)
+def parse_args(args_type: type, argv=None):
+    """The command line, parsed into the script's Args dataclass. With --resume RUN_DIR (or --eval-model RUN_DIR/MODEL),
+    the flags not given take the run's saved settings, not the defaults."""
+    args = tyro.cli(args_type, args=argv)
     run_dir = args.resume
     if args.eval_model is not None:
         run_dir = os.path.dirname(args.eval_model) or "."
     config = read_config(run_dir) if run_dir is not None else None
     if config is None:
-        return args  # main() explains what is wrong with --resume; --eval-model without config.json uses the flags
-    saved = {field.name: config[field.name] for field in dataclasses.fields(x.args_type) if field.name in config}
+        return args  # check_command_line explains what is wrong with --resume; --eval-model without config.json uses the flags
+    saved = {field.name: config[field.name] for field in dataclasses.fields(args_type) if field.name in config}
     if args.eval_model is not None:
         saved.pop("track", None)  # an evaluation is not tracked
-    default = x.args_type(**{**saved, "resume": args.resume, "eval_model": args.eval_model})
-    return tyro.cli(x.args_type, args=argv, default=default)
+    default = args_type(**{**saved, "resume": args.resume, "eval_model": args.eval_model})
+    return tyro.cli(args_type, args=argv, default=default)
 
 
-def check_command_line(args, x: Experiment):
-    """Refuses a bad command line before anything is built or written: names every problem, exits with code 2."""
-    errors = check_args(args, x) + (check_resume(args, x) if args.resume is not None else [])
-    if errors:
-        fail(errors)
-
-
-def check_resume(args, x: Experiment) -> list:
+def check_resume(args, algo: str, may_change: tuple) -> list:
     """Returns one message per reason --resume cannot continue the run (empty when it can)."""
     run_dir = args.resume
     if not os.path.isdir(run_dir):
@@ -239,17 +200,17 @@ def check_resume(args, x: Experiment) -> list:
     config = read_config(run_dir)
     if config is None:
         return [f"--resume {run_dir!r} is not a run directory of these scripts (no readable config.json)"]
-    if config["algo"] != x.algo:
+    if config["algo"] != algo:
         return [f"--resume {run_dir!r} is a {config['algo'].upper()} run: resume it with {config['algo']}_atari_meanexp.py"]
     errors = []
     if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)) and not older_checkpoints(run_dir):
         errors.append(f"--resume {run_dir!r} has no {CHECKPOINT} (the run stopped before its first one): "
                       "remove or rename the directory, then start the run again")
-    may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE)
-    for name in (field.name for field in dataclasses.fields(x.args_type)):
-        if name in config and name not in (*RESUME_MAY_CHANGE, "resume") and getattr(args, name) != config[name]:
+    allowed = ", ".join(f"--{name.replace('_', '-')}" for name in may_change)
+    for name in (field.name for field in dataclasses.fields(args)):
+        if name in config and name not in (*may_change, "resume") and getattr(args, name) != config[name]:
             errors.append(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run's {config[name]}: "
-                          f"a resumed run keeps its settings (only {may_change} may change)")
+                          f"a resumed run keeps its settings (only {allowed} may change)")
     return errors
 
 
@@ -275,77 +236,67 @@ def available_memory_bytes() -> int:
     return free
 
 
-class Run:
-    """One run's directory, config.json, TensorBoard writer, progress line, checkpoints and signals."""
+def start_run(args, algo: str, run_name: str, settings: dict, replay_bytes: int, checkpoint_bytes: int) -> Optional["Run"]:
+    """The run of a command line that check_command_line passed. settings: what config.json records (the script's
+    settings, "device" among them); replay_bytes: the replay buffer's size when full; checkpoint_bytes: one checkpoint
+    without the buffer. Checks memory and disk before anything is written; None where a resumed run is finished."""
+    resumed, lock = None, None  # resumed: the checkpoint we continue from (its tensors stay in the file until copied)
+    if args.resume is not None:
+        lock = lock_run_dir(args.resume)  # before anything is read or written: one process per run directory
+        resumed = load_newest_checkpoint(args.resume)
+        if resumed[STEP] > args.total_timesteps:
+            fail([f"--total-timesteps {args.total_timesteps} is below the {resumed[STEP]} steps done"])
+        if resumed[STEP] == args.total_timesteps and os.path.exists(os.path.join(args.resume, "final_eval.json")):
+            print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
+                  "(a larger --total-timesteps extends it)")
+            return None
+    check_memory(replay_bytes)  # its lock is held until the script's buffer is written (Run.memory_taken)
+    run_dir = os.path.join("runs", run_name) if resumed is None else args.resume
+    if resumed is None and os.path.exists(run_dir):
+        fail([f"run directory {run_dir} already exists; choose another --run-name (nothing was overwritten)"])
+    one = checkpoint_bytes + (replay_bytes if args.checkpoint_buffer else 0)
+    check_disk(args, run_dir, one, checkpoint_bytes, replay_bytes)
+    signals = StopSignals()  # from before the run directory exists
+    settings = recorded_settings(settings, run_dir, resumed)
+    if args.track:  # before the run directory exists: a failed login leaves nothing behind
+        settings["wandb_run_id"] = start_tracking(args, run_name, settings, run_dir)
+    return Run(args, algo, run_dir, lock, settings, resumed, one, signals)
 
-    @classmethod
-    def start(cls, args, x: Experiment, n_actions: int, me_coef: float, device: torch.device) -> Optional["Run"]:
-        """The run of a command line that check_command_line passed, with the game's |A|, the run's k and the device the
-        script chose: checks memory and disk before anything is written; None where a resumed run is already finished."""
-        resumed, lock = None, None  # resumed: the checkpoint we continue from (its tensors stay in the file until copied)
-        if args.resume is not None:
-            lock = lock_run_dir(args.resume)  # before anything is read or written: one process per run directory
-            resumed = load_newest_checkpoint(args.resume)
-            if resumed["global_step"] > args.total_timesteps:
-                fail([f"--total-timesteps {args.total_timesteps} is below the {resumed['global_step']} steps done"])
-            if resumed["global_step"] == args.total_timesteps and os.path.exists(os.path.join(args.resume, "final_eval.json")):
-                print(f"{args.resume} is finished ({args.total_timesteps:,} steps and final_eval.json): nothing to do "
-                      "(a larger --total-timesteps extends it)")
-                return None
-        return cls(args, x, resumed, lock, n_actions, me_coef, device)
 
-    def __init__(self, args, x: Experiment, resumed: Optional[dict], lock, n_actions: int, me_coef: float,
-                 device: torch.device):
-        self.args, self.x, self.resumed, self.lock = args, x, resumed, lock
-        self.n_actions, self.me_coef, self.device = n_actions, me_coef, device
-        check_memory(args, x)  # its lock is held until the script's buffer is written (memory_taken)
-        if resumed is None:
-            game = args.env_id.replace("/", "-")
-            run_name = args.run_name or f"{game}__{args.exp_name}__k{self.me_coef:g}__{args.seed}__{int(time.time())}"
-            self.dir = os.path.join("runs", run_name)
-            if os.path.exists(self.dir):
-                fail([f"run directory {self.dir} already exists; choose another --run-name (nothing was overwritten)"])
-        else:
-            self.dir, run_name = args.resume, args.run_name
-        self.checkpoint_path = os.path.join(self.dir, CHECKPOINT)
-        self.checkpoint_step = None if resumed is None else resumed["global_step"]  # of the last checkpoint written
-        self.checkpoint_bytes = check_disk(args, x, self.dir, self.n_actions, self.me_coef)
+def recorded_settings(settings: dict, run_dir: str, resumed: Optional[dict]) -> dict:
+    """What config.json records: the script's settings and the command; a resumed run keeps its first command and its
+    wandb run, and adds this resume to its list of resumes."""
+    settings = {**settings, "command": " ".join(sys.argv)}
+    if resumed is None:
+        return settings
+    previous = read_config(run_dir)
+    resume = {"step": resumed[STEP], "time": time.time(), "command": settings["command"], "device": settings["device"]}
+    kept = {name: previous[name] for name in ("command", "wandb_run_id") if name in previous}
+    return {**settings, **kept, "resumes": previous.get("resumes", []) + [resume]}
 
-        # Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (a batch system's warning): checkpoint at the next safe point, then exit;
-        # a second one while the checkpoint is written is only recorded, so the write always completes
-        self.stop_signals = []
-        self.previous_handlers = {sig: signal.signal(sig, lambda signum, frame: self.stop_signals.append(signum))
-                                  for sig in STOP_SIGNALS}  # from before the run directory exists
-        self.training_done = False
-        settings = effective_settings(args, x, run_name, self.n_actions, self.me_coef, self.device)
-        if resumed is not None:  # the first command stays; each resume is recorded after it, once the run goes on (begin)
-            previous = read_config(self.dir)
-            resume = {"step": resumed["global_step"], "time": time.time(), "command": settings["command"],
-                      "device": str(self.device)}
-            # me_coef_default too: the resumed Args hold the run's k as a number, but whether it was |A| by default stays
-            settings.update(command=previous["command"], me_coef_default=previous["me_coef_default"],
-                            resumes=previous.get("resumes", []) + [resume])
-            if "wandb_run_id" in previous:  # a tracked run continues its wandb run
-                settings["wandb_run_id"] = previous["wandb_run_id"]
-        if args.track:  # before the run directory exists: a failed login leaves nothing behind
-            settings["wandb_run_id"] = start_tracking(args, run_name, settings, self.dir)
-        self.settings = settings
+
+class RunDirectory:
+    """What a run writes: its directory (locked: one process per run), config.json, the TensorBoard events (`writer`),
+    the checkpoints, --save-model's networks and final_eval.json; and what a failed write does."""
+
+    def __init__(self, args, algo: str, run_dir: str, lock, settings: dict, resumed: Optional[dict], checkpoint_bytes: int):
+        self.args, self.algo, self.dir, self.lock, self.settings = args, algo, run_dir, lock, settings
+        self.checkpoints = Checkpoints(run_dir, args.keep_checkpoints, None if resumed is None else resumed[STEP])
+        self.checkpoint_bytes = checkpoint_bytes
         if resumed is None:
             try:
                 os.makedirs(self.dir)
-            except FileExistsError:  # another process took this --run-name since the check above
+            except FileExistsError:  # another process took this --run-name since start_run's check
                 fail([f"run directory {self.dir} already exists; choose another --run-name (nothing was overwritten)"])
             self.lock = lock_run_dir(self.dir)
-            name_holder(self.lock)
+        name_holder(self.lock)  # every check passed: from here on the run writes
+        if resumed is None:
             self.write_config()
-        else:
-            name_holder(self.lock)  # every check passed: from here on the run writes
         # on resume, TensorBoard drops what a killed process logged after the checkpoint: no step twice, none missing
-        self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed["global_step"] + 1)
+        self.writer = SummaryWriter(self.dir, purge_step=None if resumed is None else resumed[STEP] + 1)
         if resumed is None:
             table = "\n".join(f"|{k}|{v}|" for k, v in settings.items())
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        self.interval_due = False  # a --checkpoint-interval checkpoint is due (checkpoint_due)
 
     def write_config(self):
         try:
@@ -353,37 +304,18 @@ class Run:
         except StorageError as e:
             self.fail_storage(f"writing {os.path.join(self.dir, 'config.json')} failed ({e.__cause__})")
 
-    def start_progress(self, step: int):
-        """The progress line counts from here: the script calls it once its loop state is set up (or restored)."""
-        self.progress = Progress(self.args, step, time.time())
-
-    def memory_taken(self):
-        """The script calls this once its replay buffer's pages are written: lets go of check_memory's lock."""
-        release_memory_lock()
-
     def save_checkpoint(self, contents: dict, step: int):
         """Writes the dict the script built of its state (everything its loop needs to go on exactly as if it had never
-        stopped) as the run's checkpoint: atomically, keeping --keep-checkpoints of them."""
+        stopped) as the run's checkpoint of `step`: atomically, keeping --keep-checkpoints of them."""
         try:
             self.writer.flush()  # the events up to this step are on disk before the checkpoint that follows them
         except OSError as e:
             self.fail_storage(f"writing the TensorBoard events of step {step:,} failed ({e})")
-        saved = {"algo": self.x.algo, **contents}
-        keep_previous = self.args.keep_checkpoints > 1 and self.checkpoint_step is not None
-        older = os.path.join(self.dir, OLDER_CHECKPOINT.format(step=self.checkpoint_step)) if keep_previous else None
         try:
-            atomic_save(self.checkpoint_path, lambda tmp: torch.save(saved, tmp), keep_previous_as=older)
+            self.checkpoints.write({"algo": self.algo, **contents, STEP: step}, step)
         except StorageError as e:
-            kept = (f"{self.checkpoint_path} still holds step {self.checkpoint_step:,}" if self.checkpoint_step is not None
-                    else "there is no earlier checkpoint")
-            self.fail_storage(f"writing the checkpoint of step {step:,} failed ({e.__cause__}); the "
-                              f"temporary file is removed and {kept}")
-        self.checkpoint_step = step
-        for name in older_checkpoints(self.dir)[self.args.keep_checkpoints - 1:]:  # the newest first: keep N in all
-            try:
-                os.remove(os.path.join(self.dir, name))
-            except OSError as e:  # the new checkpoint is written: an old one left over costs room, not the run
-                print(f"warning: could not remove {name} ({e}); the run goes on", file=sys.stderr)
+            self.fail_storage(f"writing the checkpoint of step {step:,} failed ({e.__cause__}); the temporary file is "
+                              f"removed and {self.checkpoints.kept()}")
 
     def save_network(self, name: str, state_dict: dict):
         """--save-model: the network's weights as run_dir/name, written as the checkpoints are."""
@@ -394,37 +326,29 @@ class Run:
             self.fail_storage(f"writing {path} failed ({e.__cause__}); the checkpoint holds the whole run, so --resume "
                               "saves it again")
 
-    def checkpoint_due(self, before: int, step: int) -> bool:
-        """A checkpoint is due: every --checkpoint-interval steps (a multiple in (before, step], as the loop's crossed()),
-        and after SIGINT, SIGTERM or SIGUSR1. A due checkpoint stays due until checkpoint_written()."""
-        interval = self.args.checkpoint_interval
-        self.interval_due |= interval > 0 and step // interval > before // interval
-        return self.interval_due or bool(self.stop_signals)
-
-    def checkpoint_written(self):
-        """After a due checkpoint: where a signal asked for it, exits (for a requeue, or 130 after Ctrl-C)."""
-        self.interval_due = False
-        if self.stop_signals:
-            self.exit_for_requeue(self.stop_signals[0])
-
-    def stop_if_not_finite(self, bad_step: int, weights_finite: bool, step: int):
-        """Stops the run, keeping the last good checkpoint, where the script found a loss or Q-value (first at bad_step;
-        -1: none) or a weight that is not finite."""
-        if bad_step >= 0 or not weights_finite:
-            where = f"at step {bad_step:,}" if bad_step >= 0 else f"in the network's weights by step {step:,}"
-            kept = f"its last good checkpoint, of step {self.checkpoint_step:,}, is kept in {self.checkpoint_path}"
-            self.release()
-            fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
+    def write_final(self, final: dict) -> str:
+        """Writes final_eval.json (an extended run's earlier one kept as final_eval_stepN.json); returns its path."""
+        path = os.path.join(self.dir, "final_eval.json")
+        if os.path.exists(path):  # a run extended with a larger --total-timesteps keeps its earlier result
+            with open(path) as f:
+                previous = json.load(f)
+            os.replace(path, os.path.join(self.dir, f"final_eval_step{previous['total_steps']}.json"))
+        try:
+            write_json(path, final)
+        except StorageError as e:
+            self.fail_storage(f"writing {path} failed ({e.__cause__}); the checkpoint holds the whole run, so --resume "
+                              "plays the final evaluation again")
+        return path
 
     def fail_storage(self, what: str):
         """A write failed (a full disk, a quota, an I/O error): says what is kept and how to go on, then exits with a
         code of its own, which run_all.sh reports as failed and SLURM does not requeue (the disk will not free itself)."""
-        need = f"{self.checkpoint_bytes / 1e9:.2f} GB"
         self.release()
-        go_on = (f"continue with --resume {self.dir}" if self.checkpoint_step is not None else
+        go_on = (f"continue with --resume {self.dir}" if self.checkpoints.step is not None else
                  f"start the run again (it wrote no checkpoint: remove {self.dir} first, or choose another --run-name)")
-        fail([f"{what}. The next checkpoint needs about {need} free beside the ones kept ({self.dir}; free room, or "
-              f"lower --keep-checkpoints, or use --no-checkpoint-buffer), then {go_on}"], EXIT_STORAGE)
+        fail([f"{what}. The next checkpoint needs about {self.checkpoint_bytes / 1e9:.2f} GB free beside the ones kept "
+              f"({self.dir}; free room, or lower --keep-checkpoints, or use --no-checkpoint-buffer), then {go_on}"],
+             EXIT_STORAGE)
 
     def release(self):
         """Closes the logs and lets go of the run directory (the process is about to end, or a test goes on)."""
@@ -436,40 +360,75 @@ class Run:
         if self.lock is not None:
             self.lock.close()  # closing the file drops its flock
 
+
+class Run(RunDirectory):
+    """The run as the script's loop lives it: a RunDirectory, with when a checkpoint is due, the stop signals, the progress
+    line, a stop on divergence, and the end. `resumed`: the checkpoint a resumed run continues from (None for a new run),
+    the dict the script gave save_checkpoint, for the script to read back before begin()."""
+
+    def __init__(self, args, algo, run_dir, lock, settings, resumed, checkpoint_bytes, signals: "StopSignals"):
+        super().__init__(args, algo, run_dir, lock, settings, resumed, checkpoint_bytes)
+        self.resumed, self.signals, self.interval_due, self.training_done = resumed, signals, False, False
+
+    def begin(self, step: int):
+        """The script's loop state is set up, or restored, at `step`: a resume is recorded in config.json now that the run
+        really goes on, and the progress line counts from here."""
+        if self.resumed is not None:
+            self.write_config()
+            self.resumed = None  # closes the checkpoint file's memory map
+        self.progress = Progress(self.args.total_timesteps, self.args.progress_interval, step, time.time())
+
+    def memory_taken(self):
+        """The script calls this once its replay buffer's pages are written: lets go of check_memory's lock."""
+        release_memory_lock()
+
+    def checkpoint_due(self, before: int, step: int) -> bool:
+        """A checkpoint is due: every --checkpoint-interval steps (a multiple in (before, step], as the loop's crossed()),
+        and after SIGINT, SIGTERM or SIGUSR1. A due checkpoint stays due until checkpoint_written()."""
+        interval = self.args.checkpoint_interval
+        self.interval_due |= interval > 0 and step // interval > before // interval
+        return self.interval_due or bool(self.signals.received)
+
+    def checkpoint_written(self):
+        """After a due checkpoint: where a signal asked for it, exits (for a requeue, or 130 after Ctrl-C)."""
+        self.interval_due = False
+        if self.signals.received:
+            self.exit_for_requeue(self.signals.received[0])
+
+    def report_progress(self, step: int, episodes: int, recent_returns: list, learning_starts: int):
+        """Prints the progress line where one is due (Progress.line)."""
+        line = self.progress.line(step, episodes, recent_returns, learning_starts, time.time())
+        if line is not None:
+            print(line, flush=True)
+
+    def stop_if_not_finite(self, bad_step: int, weights_finite: bool, step: int):
+        """Stops the run, keeping the last good checkpoint, where the script found a loss or Q-value (first at bad_step;
+        -1: none) or a weight that is not finite."""
+        if bad_step >= 0 or not weights_finite:
+            where = f"at step {bad_step:,}" if bad_step >= 0 else f"in the network's weights by step {step:,}"
+            kept = f"its last good checkpoint, of step {self.checkpoints.step:,}, is kept in {self.checkpoints.path}"
+            self.release()
+            fail([f"a loss or Q-value that is not finite appeared {where}; the run stops ({kept})"], EXIT_NON_FINITE)
+
     def exit_for_requeue(self, signum, frame=None):
         """After a checkpoint: says how to continue, then exits: 130 after Ctrl-C, else the code a batch system requeues on."""
         code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_REQUEUE
         self.release()
         stage = " (it holds the whole training: the resumed run plays the final evaluation)" if self.training_done else ""
-        print(f"signal {signal.Signals(signum).name}: checkpoint at step {self.checkpoint_step:,} in {self.checkpoint_path}"
-              f"{stage}; continue with --resume {self.dir} (exit code {code})", flush=True)
+        print(f"signal {signal.Signals(signum).name}: checkpoint at step {self.checkpoints.step:,} in "
+              f"{self.checkpoints.path}{stage}; continue with --resume {self.dir} (exit code {code})", flush=True)
         sys.exit(code)
-
-    def report_progress(self, state):
-        line = self.progress.line(state, time.time())
-        if line is not None:
-            print(line, flush=True)
 
     def training_ended(self):
         """Training is over and checkpointed: from here a signal stops the final evaluation at once."""
         self.training_done = True
-        for sig in self.previous_handlers:  # the checkpoint holds the whole run: a signal stops the final evaluation now
-            signal.signal(sig, self.exit_for_requeue)
-        if self.stop_signals:  # one came on the last training step, while an env was due to autoreset
-            self.exit_for_requeue(self.stop_signals[0])
+        self.signals.obey_at_once(self.exit_for_requeue)
+        if self.signals.received:  # one came on the last training step, while an env was due to autoreset
+            self.exit_for_requeue(self.signals.received[0])
 
     def finish(self, final: dict):
-        """Writes final_eval.json (keeping an earlier result of an extended run) and closes the logs."""
-        final_path = os.path.join(self.dir, "final_eval.json")
-        if os.path.exists(final_path):  # a run extended with a larger --total-timesteps keeps its earlier result
-            with open(final_path) as f:
-                previous = json.load(f)
-            os.replace(final_path, os.path.join(self.dir, f"final_eval_step{previous['total_steps']}.json"))
-        try:
-            write_json(final_path, final)
-        except StorageError as e:
-            self.fail_storage(f"writing {final_path} failed ({e.__cause__}); the checkpoint holds the whole run, so "
-                              "--resume plays the final evaluation again")
+        """Writes final_eval.json, closes the logs and ends --track's wandb run."""
+        path = self.write_final(final)
         self.release()
         if self.args.track:  # the final evaluation goes into the wandb run's summary; then the upload (or offline write) ends
             import wandb
@@ -477,8 +436,50 @@ class Run:
             wandb.run.summary.update({f"final_eval/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
             wandb.finish()
         print(f"final evaluation: mean {final['mean']:.1f}, median {final['median']:.1f} over {final['episodes']} episodes "
-              f"-> {final_path}")
-        for sig, handler in self.previous_handlers.items():  # for callers that go on after main(), such as tests
+              f"-> {path}")
+        self.signals.restore()  # for callers that go on after main(), such as tests
+
+
+class Checkpoints:
+    """The run's checkpoint files: the newest is checkpoint.pt, written atomically; --keep-checkpoints N keeps N in all.
+    `step`: that of the newest one written (None: none yet)."""
+
+    def __init__(self, run_dir: str, keep: int, step: Optional[int]):
+        self.dir, self.keep, self.step, self.path = run_dir, keep, step, os.path.join(run_dir, CHECKPOINT)
+
+    def write(self, saved: dict, step: int):
+        """Writes `saved` as the newest checkpoint (StorageError where it fails: the previous one stays)."""
+        keep_previous = self.keep > 1 and self.step is not None
+        older = os.path.join(self.dir, OLDER_CHECKPOINT.format(step=self.step)) if keep_previous else None
+        atomic_save(self.path, lambda tmp: torch.save(saved, tmp), keep_previous_as=older)
+        self.step = step
+        for name in older_checkpoints(self.dir)[self.keep - 1:]:  # the newest first: keep N in all
+            try:
+                os.remove(os.path.join(self.dir, name))
+            except OSError as e:  # the new checkpoint is written: an old one left over costs room, not the run
+                print(f"warning: could not remove {name} ({e}); the run goes on", file=sys.stderr)
+
+    def kept(self) -> str:
+        return f"{self.path} still holds step {self.step:,}" if self.step is not None else "there is no earlier checkpoint"
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (a batch system's warning) are recorded in `received`, which the loop polls
+    (Run.checkpoint_due): it stops at its next safe point, after a checkpoint. A second one while the checkpoint is
+    written is only recorded too, so the write always completes."""
+
+    def __init__(self):
+        self.received = []
+        self.previous = {sig: signal.signal(sig, lambda signum, frame: self.received.append(signum)) for sig in STOP_SIGNALS}
+
+    def obey_at_once(self, handler):
+        """From here on a signal calls handler(signum, frame) at once (the final evaluation: the checkpoint holds it all)."""
+        for sig in self.previous:
+            signal.signal(sig, handler)
+
+    def restore(self):
+        """The handlers from before."""
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
@@ -486,76 +487,73 @@ class Progress:
     """The console progress line. Its rate and ETA are those of the last `window` lines: the whole run's average
     would count the fast collection before learning starts (an ETA of 31 h for a run that needed 4 days)."""
 
-    def __init__(self, args, step: int, now: float, window: int = 10):
-        self.args, self.start_step, self.start_time, self.eval_time = args, step, now, 0.0
+    def __init__(self, total_steps: int, interval_seconds: float, step: int, now: float, window: int = 10):
+        self.total, self.interval, self.start_step, self.start_time, self.eval_time = (
+            total_steps, interval_seconds, step, now, 0.0)
         self.marks = collections.deque([(now, step)], maxlen=window + 1)  # (time, step) of the recent lines
 
     def training_rate(self, step: int) -> float:
         """Agent steps per second since the start of this process, evaluations left out (TensorBoard's charts/SPS)."""
         return (step - self.start_step) / max(time.time() - self.start_time - self.eval_time, 1e-9)
 
-    def line(self, state, now: float) -> Optional[str]:
-        """The progress line when one is due (every --progress-interval seconds, and at the end), else None."""
-        total = self.args.total_timesteps
-        if now - self.marks[-1][0] < self.args.progress_interval and state.global_step < total:
+    def line(self, step: int, episodes: int, recent_returns: list, learning_starts: int, now: float) -> Optional[str]:
+        """The progress line when one is due (every interval_seconds, and at the end), else None: the step, the recent
+        rate, the elapsed time and ETA, the training episodes and the mean of the recent training scores."""
+        total = self.total
+        if now - self.marks[-1][0] < self.interval and step < total:
             return None
-        self.marks.append((now, state.global_step))
+        self.marks.append((now, step))
         (then, step_then), elapsed = self.marks[0], now - self.start_time
-        rate = (state.global_step - step_then) / max(now - then, 1e-9)
-        eta = format_duration((total - state.global_step) / rate) if rate > 0 else "n/a"
-        if step_then < state.update_origin[0] < total:  # the window still holds the fast steps before learning
-            eta = f"not known yet (learning starts at step {state.update_origin[0]:,})"
-        if state.global_step >= total:
+        rate = (step - step_then) / max(now - then, 1e-9)
+        eta = format_duration((total - step) / rate) if rate > 0 else "n/a"
+        if step_then < learning_starts < total:  # the window still holds the fast steps before learning
+            eta = f"not known yet (learning starts at step {learning_starts:,})"
+        if step >= total:
             eta = "none: training is done"
-        recent = f"{np.mean(state.recent_returns):.1f}" if state.recent_returns else "n/a"
-        return (f"step {state.global_step:,}/{total:,} ({100 * state.global_step / total:.1f}%) | {rate:,.0f} SPS recently | "
-                f"elapsed {format_duration(elapsed)} | ETA {eta} | {state.episodes:,} episodes, "
-                f"return (last {len(state.recent_returns)}) {recent}")
+        recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+        return (f"step {step:,}/{total:,} ({100 * step / total:.1f}%) | {rate:,.0f} SPS recently | "
+                f"elapsed {format_duration(elapsed)} | ETA {eta} | {episodes:,} episodes, "
+                f"return (last {len(recent_returns)}) {recent}")
 
 
-def evaluate_saved_model(args, x: Experiment):
-    """--eval-model: the saved network plays --final-eval-episodes games on the evaluation env (seeded 2^31 - 1 - seed,
-    the run's evaluation epsilon), as the run's final evaluation; prints the statistics and writes them beside it."""
+def check_eval_model(args, algo: str, out: str, errors: list):
+    """--eval-model: refuses (exit 2, naming every problem, the script's `errors` of its flags among them) a model that
+    is missing or of the other algorithm, --resume beside it, or a result `out` that exists."""
     path = args.eval_model
-    out = f"{os.path.splitext(path)[0]}_eval_seed{args.seed}.json"
-    errors = check_args(args, x) + ([] if args.resume is None else ["--eval-model and --resume exclude each other"])
+    errors = errors + ([] if args.resume is None else ["--eval-model and --resume exclude each other"])
     config = read_config(os.path.dirname(path) or ".")
     if not os.path.isfile(path):
         errors.append(f"--eval-model {path!r}: no such file (--save-model writes runs/RUN/EXP_NAME.cleanrl_model, and "
                       "EXP_NAME_best.cleanrl_model only where the run had periodic evaluations)")
-    elif config is not None and config["algo"] != x.algo:
+    elif config is not None and config["algo"] != algo:
         errors.append(f"--eval-model {path!r} is a {config['algo'].upper()} model: "
                       f"evaluate it with {config['algo']}_atari_meanexp.py")
     if os.path.exists(out):
         errors.append(f"{out} exists (this model, this seed): move it away or choose another --seed (nothing was overwritten)")
     if errors:
         fail(errors)
-    n_actions, me_coef = actions_and_coef(args, x)
-    network = x.make_network(args, n_actions, me_coef)
+
+
+def load_network(network: torch.nn.Module, path: str, algo: str, what_it_fits: str):
+    """Loads --eval-model's saved weights into `network`; refuses (exit 2) a file that is not such a network, or one of
+    other shapes (what_it_fits: the game and its actions, for the message)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     mine = network.state_dict()
     if not isinstance(saved, dict) or saved.keys() != mine.keys():
-        fail([f"--eval-model {path!r} is not a network {x.algo}_atari_meanexp.py saves with these settings (another "
+        fail([f"--eval-model {path!r} is not a network {algo}_atari_meanexp.py saves with these settings (another "
               "algorithm, or another --network?)"])
     wrong = [f"{k} {tuple(v.shape)} (here {tuple(mine[k].shape)})" for k, v in saved.items() if v.shape != mine[k].shape]
     if wrong:
-        fail([f"--eval-model {path!r} does not fit {args.env_id} with {n_actions} actions (full action set: "
-              f"{args.full_action_space}): {', '.join(wrong)}"])
+        fail([f"--eval-model {path!r} does not fit {what_it_fits}: {', '.join(wrong)}"])
     network.load_state_dict(saved)
-    device = seed_and_device(args)
-    env, eval_rng = x.make_eval_env(args, args.capture_video, os.path.dirname(path) or ".")
-    forget_seeding_clip(env)
-    result = x.evaluate(network.to(device), env, device, args.eval_epsilon, args.gamma, eval_rng,
-                      max_episodes=args.final_eval_episodes)
-    env.close()
-    stats = x.final_statistics(result)
+
+
+def write_result(path: str, result: dict):
+    """Writes an evaluation's result (exit 74 where the write fails, saying the mean it would have held)."""
     try:
-        write_json(out, {"algo": x.algo, "model": path, "env_id": args.env_id, "seed": args.seed,
-                         "epsilon": args.eval_epsilon, **stats})
+        write_json(path, result)
     except StorageError as e:
-        fail([f"writing {out} failed ({e.__cause__}); the evaluation's mean was {stats['mean']:.1f}"], EXIT_STORAGE)
-    print(f"evaluation of {path}: mean {stats['mean']:.1f}, median {stats['median']:.1f} over {stats['episodes']} episodes, "
-          f"overestimation {stats['overestimation']} -> {out}")
+        fail([f"writing {path} failed ({e.__cause__}); the evaluation's mean was {result['mean']:.1f}"], EXIT_STORAGE)
 
 
 def forget_seeding_clip(env: gym.Env):
@@ -585,36 +583,37 @@ def start_tracking(args, run_name: str, settings: dict, run_dir: str) -> str:
     return tracked.id
 
 
-def actions_and_coef(args, x: Experiment) -> tuple:
-    """|A| of the game (one env built and closed, before anything large is allocated) and the run's k."""
-    probe = x.make_env(args, args.seed)()
-    n_actions = int(probe.action_space.n)
-    probe.close()
-    return n_actions, x.default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)
-
-
-def seed_and_device(args) -> torch.device:
-    """Seeds Python's, NumPy's and PyTorch's generators; the device: CUDA where there is one and --cuda."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-
-def check_memory(args, x: Experiment):
+def check_memory(replay_bytes: int):
     """Refuses a replay buffer that does not fit (numpy would take its pages only as they fill: a failure hours in).
     Runs starting together on one machine check in turn: each holds a machine-wide lock from its check until its
     buffer's pages are written (the scripts write them all at once, then call Run.memory_taken), so the next run's
     check sees them. (Where the lock cannot be had, a warning says so, and the check goes on alone.)"""
     take_memory_lock()
-    replay_bytes, free_bytes = x.replay_buffer.bytes_needed(args.buffer_size, args.num_envs), available_memory_bytes()
-    print(f"replay buffer: {args.buffer_size:,} transitions need {replay_bytes / 1e9:.2f} GB "
-          f"({replay_bytes / args.buffer_size:,.0f} bytes each); {free_bytes / 1e9:.2f} GB available")
+    free_bytes = available_memory_bytes()
+    print(f"replay buffer: {replay_bytes / 1e9:.2f} GB when full; {free_bytes / 1e9:.2f} GB available")
     if replay_bytes + HEADROOM_BYTES > free_bytes:
-        fail([f"--buffer-size {args.buffer_size} needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for "
-              f"the rest of the run) but only {free_bytes / 1e9:.2f} GB of memory is available (other runs on this "
-              "machine included); lower --buffer-size (each transition takes about 7 kB)"])
+        fail([f"the replay buffer needs {replay_bytes / 1e9:.2f} GB (plus {HEADROOM_BYTES / 1e9:.0f} GB for the rest of "
+              f"the run) but only {free_bytes / 1e9:.2f} GB of memory is available (other runs on this machine "
+              "included); lower --buffer-size (each transition takes about 7 kB)"])
+
+
+def check_disk(args, run_dir: str, one: int, lighter: int, replay_bytes: int):
+    """Refuses a run whose filesystem cannot hold its checkpoints (`one` bytes each: `lighter` without the replay buffer
+    of replay_bytes) and the temporary copy each new one is written as."""
+    there, held = run_dir, 0  # where the checkpoints go, and what the run's checkpoints already take there
+    while not os.path.isdir(there):  # a new run: its directory does not exist yet
+        there = os.path.dirname(there) or "."
+    if there == run_dir:
+        held = sum(os.path.getsize(os.path.join(run_dir, n)) for n in [CHECKPOINT, *older_checkpoints(run_dir)]
+                   if os.path.isfile(os.path.join(run_dir, n)))
+    need, free = max(one, (args.keep_checkpoints + 1) * one - held), shutil.disk_usage(there).free  # at least the next
+    print(f"checkpoints: {one / 1e9:.2f} GB each, {args.keep_checkpoints} kept; {free / 1e9:.2f} GB free where they go")
+    if need > free:
+        fail([f"the filesystem of {os.path.abspath(there)} has {free / 1e9:.2f} GB free, but this run's checkpoints "
+              f"need {need / 1e9:.2f} GB more: {args.keep_checkpoints} of {one / 1e9:.2f} GB each (the replay buffer, "
+              f"{replay_bytes / 1e9:.2f} GB when full, included) and room to write the next; --no-checkpoint-buffer makes "
+              f"one {lighter / 1e9:.2f} GB (a resumed run then refills its buffer), and a smaller --buffer-size or "
+              "--keep-checkpoints also lowers it"])
 
 
 def release_memory_lock():
@@ -646,31 +645,6 @@ def take_memory_lock(wait_seconds: float = 600.0):
     held_memory_lock = lock
 
 
-def check_disk(args, x: Experiment, run_dir: str, n_actions: int, me_coef: float) -> int:
-    """Refuses a run whose filesystem cannot hold its checkpoints and the temporary copy each new one is written as
-    (with the replay buffer, when full, where --checkpoint-buffer is on). Returns the bytes of one checkpoint."""
-    weights = sum(t.numel() * t.element_size() for t in x.make_network(args, n_actions, me_coef).state_dict().values())
-    replay = x.replay_buffer.bytes_needed(args.buffer_size, args.num_envs)
-    # the online and target networks, the optimizer's two running averages, the best network so far; envs, RNGs
-    one = 5 * weights + (replay if args.checkpoint_buffer else 0) + CHECKPOINT_EXTRA_BYTES
-    there, held = run_dir, 0  # where the checkpoints go, and what the run's checkpoints already take there
-    while not os.path.isdir(there):  # a new run: its directory does not exist yet
-        there = os.path.dirname(there) or "."
-    if there == run_dir:
-        held = sum(os.path.getsize(os.path.join(run_dir, n)) for n in [CHECKPOINT, *older_checkpoints(run_dir)]
-                   if os.path.isfile(os.path.join(run_dir, n)))
-    need, free = max(one, (args.keep_checkpoints + 1) * one - held), shutil.disk_usage(there).free  # at least the next
-    print(f"checkpoints: {one / 1e9:.2f} GB each, {args.keep_checkpoints} kept; {free / 1e9:.2f} GB free where they go")
-    if need > free:
-        lighter = 5 * weights + CHECKPOINT_EXTRA_BYTES
-        fail([f"the filesystem of {os.path.abspath(there)} has {free / 1e9:.2f} GB free, but this run's checkpoints "
-              f"need {need / 1e9:.2f} GB more: {args.keep_checkpoints} of {one / 1e9:.2f} GB each (the replay buffer, "
-              f"{replay / 1e9:.2f} GB when full, included) and room to write the next; --no-checkpoint-buffer makes one "
-              f"{lighter / 1e9:.2f} GB (a resumed run then refills its buffer), and a smaller --buffer-size or "
-              "--keep-checkpoints also lowers it"])
-    return one
-
-
 class SnapshotEnv(gym.Wrapper):
     """The outermost wrapper: `env.snapshot` is the whole env's state as bytes, and assigning it restores
     that state, so a resumed run plays on exactly as if never stopped. (A property, so that a vector env
@@ -689,8 +663,8 @@ class SnapshotEnv(gym.Wrapper):
     def snapshot(self) -> bytes:
         layers, env = [], self.env
         while env is not env.unwrapped:  # every wrapper's own state: frame stack, step counts, lives, returns, ...
-            state = {name: value for name, value in vars(env).items() if name != "env" and not callable(value)}
-            layers.append({} if isinstance(env, gym.wrappers.RecordVideo) else state)  # a clip being recorded is not resumed
+            own = {name: value for name, value in vars(env).items() if name != "env" and not callable(value)}
+            layers.append({} if isinstance(env, gym.wrappers.RecordVideo) else own)  # a clip being recorded is not resumed
             env = env.env
         game = env.clone_state(include_rng=True)  # the emulator, with its RNG
         return pickle.dumps((layers, game, env.np_random.bit_generator.state, env.action_space.np_random.bit_generator.state))
@@ -721,25 +695,6 @@ def leave_signals_to_main_process(thunk):
         return thunk()
 
     return worker_thunk
-
-
-def effective_settings(args, x: Experiment, run_name: str, n_actions: int, me_coef: float, device: torch.device) -> dict:
-    """Every setting the run used, including those derived from the env and the machine."""
-    settings = {**dataclasses.asdict(args), **x.fixed_settings}  # loss, optimizer, network; learning rate and eps as used
-    settings.update(
-        algo=x.algo,
-        run_name=run_name,
-        me_coef=me_coef,
-        me_coef_default=args.me_coef is None,
-        n_actions=n_actions,
-        life_loss="ends the training episode" if args.episodic_life else "does not end the episode",
-        replay_bytes=x.replay_buffer.bytes_needed(args.buffer_size, args.num_envs),
-        device=str(device),
-        versions={"torch": torch.__version__, "gymnasium": gym.__version__, "ale_py": ale_py.__version__,
-                  "numpy": np.__version__},
-        command=" ".join(sys.argv),
-    )
-    return settings
 
 
 def format_duration(seconds: float) -> str:
@@ -819,5 +774,3 @@ def fail(errors: list, code: int = EXIT_BAD_INPUT):
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
-

@@ -339,7 +339,8 @@ while argv:
               "(pip install -r requirements.txt, or set PYTHON)", file=sys.stderr)
         sys.exit(3)
     try:
-        errors = importlib.import_module("longrun").check_args(script.parse_args(flags), script.EXPERIMENT)
+        args = script.parse_args(flags)
+        errors = script.check_args(args) + importlib.import_module("longrun").check_flags(args)
     except SystemExit:  # the command line parser has printed what is wrong: once is enough
         print(f"error: variant {variant}: {' '.join(flags)}: not a valid command line for {algo}_atari_meanexp.py (above)",
               file=sys.stderr)

@@ -71,7 +71,7 @@ def test_all_mistakes_are_reported_at_once(in_tmp, capsys):
 def test_buffer_larger_than_memory_is_refused_before_allocating(in_tmp, capsys, monkeypatch):
     monkeypatch.setattr(longrun, "available_memory_bytes", lambda: 8 * 10**9)
     err = run_main(in_tmp, ["--buffer-size", "1000000", "--env-id", "ALE/Pong-v5"], capsys)
-    assert "--buffer-size 1000000 needs 7.07 GB (plus 1 GB" in err and "only 8.00 GB" in err
+    assert "the replay buffer needs 7.07 GB (plus 1 GB" in err and "only 8.00 GB" in err
     assert not (in_tmp / "runs").exists()
 
 

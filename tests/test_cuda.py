@@ -186,17 +186,17 @@ def test_learning_never_waits_for_the_gpu(algo, flags):
     device = torch.device("cuda")
     network = script.make_network(args, 18, 18.0).to(device)
     rb = random_replay(script, device)
-    parts = script.Parts(network, copy.deepcopy(network), script.make_optimizer(args, network), rb, envs=None, eval_env=None,
-                         rng=None, eval_rng=None, loss_fn=script.LOSS)
+    setup = script.TrainingSetup(device, 18, 18.0, network, copy.deepcopy(network), script.make_optimizer(args, network), rb,
+                                 envs=None, eval_env=None, rng=None, eval_rng=None, loss_fn=script.LOSS)
     state = script.LoopState(obs=None, starting=None, sums=torch.zeros(3, device=device),
                              bad_step=torch.tensor(-1, device=device), update_origin=(0, 0), global_step=4,
                              q_record=torch.zeros(script.Q_RECORD, device=device))
-    script.learn(args, parts, state)  # the first update creates the optimizer's state
+    script.learn(args, setup, state)  # the first update creates the optimizer's state
     torch.cuda.synchronize()
     state.global_step = 4 * 11
     torch.cuda.set_sync_debug_mode("error")
     try:
-        script.learn(args, parts, state)  # ten more updates
+        script.learn(args, setup, state)  # ten more updates
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert state.updates == 11 and int(state.bad_step) == -1 and state.sums.isfinite().all()

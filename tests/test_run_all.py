@@ -305,7 +305,7 @@ def test_failed_runs_are_listed_with_their_logs(tmp_path):
         assert command[:2] == [sys.executable, os.path.join(ROOT, "dqn_atari_meanexp.py")]
         assert command[command.index("--seed") + 1] == str(s) and command[-4:] == ["--buffer-size", "100000000", "--run-name",
                                                                                   f"pong__dqn__s{s}"]
-        assert "--buffer-size 100000000 needs" in (tmp_path / f"runs/_batch/logs/pong__dqn__s{s}.log").read_text()
+        assert "the replay buffer needs 706.50 GB" in (tmp_path / f"runs/_batch/logs/pong__dqn__s{s}.log").read_text()
 
 
 # ---------------------------------------------------------------------------

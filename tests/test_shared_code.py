@@ -13,9 +13,10 @@ ALGORITHM = {"ALGO", "Args", "PAPER_OPTIMIZER_SETTINGS", "FIXED_SETTINGS", "algo
              "QNetwork", "DuelingNetwork", "IQNNetwork", "make_network", "default_me_coef", "td_error_loss", "td_loss",
              "quantile_huber_loss", "iqn_loss", "taken", "LOSS", "update", "CenteredRMSprop", "make_optimizer"}
 SHARED = {"make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffer", "action_gap", "linear_schedule",
-          "discounted_returns", "episode_statistics", "evaluate", "EVAL_STATISTICS", "crossed", "main", "LoopState", "Parts",
+          "discounted_returns", "episode_statistics", "evaluate", "EVAL_STATISTICS", "crossed", "main", "LoopState",
           "train", "act", "record_episodes", "learn", "log_training", "periodic_evaluation", "final_evaluation",
-          "FireAfterLifeLoss", "final_statistics", "make_eval_env", "EVAL_LOGGED", "EXPERIMENT", "parse_args",
+          "FireAfterLifeLoss", "final_statistics", "make_eval_env", "EVAL_LOGGED", "parse_args", "check_args",
+          "RESUME_MAY_CHANGE", "evaluate_saved_model", "game_actions", "run_settings", "TrainingSetup",
           "Q_RECORD", "measure_action_gap", "record_q", "claim_statistics", "save_checkpoint", "restore_checkpoint",
           "check_finite"}
 # shared flags whose default, type or text differ (PAPER.md): the optimizer's values, IQN's 200 final episodes, k's default

@@ -50,5 +50,5 @@ def test_a_failed_wandb_login_stops_the_run_before_anything_is_written(tmp_path)
 def test_track_without_wandb_installed_is_refused_with_the_install_command(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-    errors = longrun.check_args(dqn.Args(track=True), dqn.EXPERIMENT)
+    errors = longrun.check_flags(dqn.Args(track=True))
     assert any("--track needs wandb: pip install -r requirements-track.txt" in e for e in errors), errors

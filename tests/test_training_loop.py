@@ -33,36 +33,41 @@ def test_act_is_greedy_at_epsilon_0_and_uniform_at_epsilon_1():
     assert mixed.tolist() == np.where(coins >= 0.5, 1, random_actions).tolist()
 
 
+def line_of(progress, state, now):
+    """The line the loop asks for (train() passes these LoopState fields)."""
+    return progress.line(state.global_step, state.episodes, state.recent_returns, state.update_origin[0], now)
+
+
 def test_the_eta_uses_the_recent_rate_not_the_whole_runs_average():
     args = dqn.Args(total_timesteps=1_000_000, progress_interval=30)
-    progress = longrun.Progress(args, step=0, now=0.0, window=10)
+    progress = longrun.Progress(args.total_timesteps, args.progress_interval, step=0, now=0.0, window=10)
     state = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(0, 0))
     state.global_step = 50_000  # collecting before learning starts: fast
-    assert progress.line(state, 30.0) is not None
-    assert progress.line(state, 31.0) is None  # the next line is due 30 s later
+    assert line_of(progress, state, 30.0) is not None
+    assert line_of(progress, state, 31.0) is None  # the next line is due 30 s later
     now = 30.0
     for _ in range(10):  # learning: 140 agent steps per second
         now += 30
         state.global_step += 140 * 30
-        line = progress.line(state, now)
+        line = line_of(progress, state, now)
     eta = longrun.format_duration((1_000_000 - state.global_step) / 140)  # the whole run's average would say half of it
     assert "140 SPS recently" in line and f"ETA {eta}" in line, line
     state.global_step = 1_000_000
-    assert progress.line(state, now + 1) is not None  # the end of training always gets a line
+    assert line_of(progress, state, now + 1) is not None  # the end of training always gets a line
 
 
 def test_the_eta_waits_until_the_recent_window_holds_learning_steps_only():
     """Steps before learning starts run several times faster: an ETA from them would promise hours for days."""
     args = dqn.Args(total_timesteps=1_000_000, progress_interval=30)
-    progress = longrun.Progress(args, step=0, now=0.0, window=3)
+    progress = longrun.Progress(args.total_timesteps, args.progress_interval, step=0, now=0.0, window=3)
     state = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(50_000, 0))
     lines = []
     for i, step in enumerate((20_000, 40_000, 50_500, 51_000, 51_500, 52_000)):
         state.global_step = step
-        lines.append(progress.line(state, 30.0 * (i + 1)))
+        lines.append(line_of(progress, state, 30.0 * (i + 1)))
     assert all("ETA not known yet (learning starts at step 50,000)" in line for line in lines[:5]), lines
     rate = (52_000 - 50_500) / 90  # the window: the lines at 50,500 (90 s earlier) to 52,000
     assert f"ETA {longrun.format_duration((1_000_000 - 52_000) / rate)}" in lines[5], lines[5]
     state.global_step = 1_000_000  # a run shorter than the window: it never said learning had started (issue 34)
-    progress = longrun.Progress(args, step=0, now=0.0, window=3)
-    assert "ETA none: training is done" in progress.line(state, 10.0)
+    progress = longrun.Progress(args.total_timesteps, args.progress_interval, step=0, now=0.0, window=3)
+    assert "ETA none: training is done" in line_of(progress, state, 10.0)
