@@ -702,12 +702,12 @@ class LoopState:
     """Everything the training loop carries from one step to the next: a checkpoint saves it, a resume restores it."""
 
     obs: np.ndarray  # the envs' current observations (num_envs, 4, 84, 84)
-    starting: np.ndarray  # envs whose next step() is an autoreset, not a transition
+    resetting: np.ndarray  # envs whose next step() is an autoreset, not a transition
     sums: torch.Tensor  # loss, Q, action gap summed on the device between log points
     bad_step: torch.Tensor  # the first step whose loss or Q was not finite (-1: none), read at log points
     # (step, updates by then): no update until that step (--learning-starts, or the refill of a resume without the
     # buffer), then one per --train-frequency agent steps
-    update_origin: tuple
+    updates_from: tuple
     global_step: int = 0
     updates: int = 0
     logged_updates: int = 0  # the updates up to the last log point
@@ -831,8 +831,8 @@ def main(args: Args):
     setup = TrainingSetup(device, n_actions, me_coef, q_network, target_network, make_optimizer(args, q_network), rb, envs,
                           eval_env, rng=np.random.default_rng(args.seed), eval_rng=eval_rng, loss_fn=loss_fn)
     obs, _ = envs.reset(seed=args.seed)
-    state = LoopState(obs, starting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=device),
-                      bad_step=torch.tensor(-1, device=device), update_origin=(args.learning_starts, 0),
+    state = LoopState(obs, resetting=np.zeros(args.num_envs, dtype=bool), sums=torch.zeros(3, device=device),
+                      bad_step=torch.tensor(-1, device=device), updates_from=(args.learning_starts, 0),
                       q_record=torch.zeros(Q_RECORD, device=device), gap_rng=np.random.default_rng([args.seed, 1]))
     if run.resumed is None:
         rb.start_episodes(obs[:, -1])
@@ -867,11 +867,11 @@ def train(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState):
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, state.global_step)
         actions = act(setup.q_network, state.obs, epsilon, setup.rng, setup.n_actions, setup.device)
         next_obs, rewards, terminated, truncated, infos = setup.envs.step(actions)
-        # state.starting is still the previous step's: where it is set, this step was an autoreset (no transition)
-        setup.rb.add(next_obs[:, -1], state.starting, actions, rewards, terminated, truncated)
+        # state.resetting is still the previous step's: where it is set, this step was an autoreset (no transition)
+        setup.rb.add(next_obs[:, -1], state.resetting, actions, rewards, terminated, truncated)
         before = state.global_step
-        state.global_step += int((~state.starting).sum())  # an autoreset step moves no game forward
-        state.starting, state.obs = terminated | truncated, next_obs
+        state.global_step += int((~state.resetting).sum())  # an autoreset step moves no game forward
+        state.resetting, state.obs = terminated | truncated, next_obs
         record_episodes(run.writer, infos, state)
 
         learn(args, setup, state)
@@ -884,9 +884,9 @@ def train(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState):
             log_training(run, setup, state, epsilon)
         if crossed(before, state.global_step, args.eval_interval):
             periodic_evaluation(args, run, setup, state)
-        run.report_progress(state.global_step, state.episodes, state.recent_returns, state.update_origin[0])
+        run.report_progress(state.global_step, state.episodes, state.recent_returns, state.updates_from[0])
         # an env due to autoreset cannot be saved: a due checkpoint waits for the step after
-        if run.checkpoint_due(before, state.global_step) and not state.starting.any():
+        if run.checkpoint_due(before, state.global_step) and not state.resetting.any():
             save_checkpoint(args, run, setup, state)
             run.checkpoint_written()  # after SIGINT, SIGTERM or SIGUSR1: exits here
     if state.global_step > run.progress.start_step:
@@ -906,14 +906,17 @@ def save_checkpoint(args: Args, run: longrun.Run, setup: TrainingSetup, state: L
                          "replay": setup.rb.state_dict() if args.checkpoint_buffer else None}, state.global_step)
 
 
+RENAMED_FIELDS = {"starting": "resetting", "update_origin": "updates_from"}  # in checkpoints before 2026-12-05
+
+
 def restore_checkpoint(args: Args, run: longrun.Run, setup: TrainingSetup, state: LoopState) -> LoopState:
     """Continues exactly where the checkpoint (run.resumed, save_checkpoint's dict) left off."""
-    saved = run.resumed
+    saved = {RENAMED_FIELDS.get(name, name): value for name, value in run.resumed.items()}
     # the saved fields over the fresh state (a field newer than the checkpoint keeps its fresh value)
     state = dataclasses.replace(state, **{f.name: saved[f.name] for f in dataclasses.fields(state) if f.name in saved})
     copy_out = lambda t: t.to(setup.device, copy=True)  # noqa: E731 (out of the file, which the next checkpoint replaces)
     state.sums, state.bad_step, state.q_record = copy_out(state.sums), copy_out(state.bad_step), copy_out(state.q_record)
-    state.update_origin = tuple(state.update_origin)
+    state.updates_from = tuple(state.updates_from)
     if state.best_state is not None:
         state.best_state = {name: copy_out(value) for name, value in state.best_state.items()}
     setup.q_network.load_state_dict(saved["q_network"])
@@ -921,15 +924,15 @@ def restore_checkpoint(args: Args, run: longrun.Run, setup: TrainingSetup, state
     setup.optimizer.load_state_dict(saved["optimizer"])
     setup.envs.set_attr("snapshot", list(saved["envs"]))
     setup.eval_env.snapshot = saved["eval_env"]
-    if state.starting.any():  # only a final checkpoint has envs due to autoreset: their next step() is that reset
-        setup.envs.set_attr("reset_on_next_step", state.starting.tolist())
+    if state.resetting.any():  # only a final checkpoint has envs due to autoreset: their next step() is that reset
+        setup.envs.set_attr("reset_on_next_step", state.resetting.tolist())
     longrun.set_rng_states(saved["rng"], setup.device)
     setup.rng.bit_generator.state, setup.eval_rng.bit_generator.state = saved["explore_rng"], saved["eval_rng"]
     if saved["replay"] is not None:
         setup.rb.load_state_dict(saved["replay"])
     else:  # a checkpoint without the buffer: collect --learning-starts transitions again before learning
         setup.rb.start_episodes(state.obs[:, -1])
-        state.update_origin = (state.global_step + args.learning_starts, state.updates)
+        state.updates_from = (state.global_step + args.learning_starts, state.updates)
     print(f"resumed {run.dir} at step {state.global_step:,}")
     return state
 
@@ -964,7 +967,7 @@ def record_episodes(writer: SummaryWriter, infos: dict, state: LoopState):
 
 def learn(args: Args, setup: TrainingSetup, state: LoopState):
     """The updates now due: updates per agent step stay 1/train_frequency whatever the number of envs."""
-    origin_step, origin_updates = state.update_origin
+    origin_step, origin_updates = state.updates_from
     if state.global_step <= origin_step:  # learning has not started yet
         return
     while state.updates < origin_updates + (state.global_step - origin_step) // args.train_frequency:

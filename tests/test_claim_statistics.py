@@ -22,7 +22,7 @@ SCRIPTS = {"dqn": dqn, "iqn": iqn}
 
 
 def test_average_q_is_the_mean_of_the_last_1000_values_and_the_gap_record_empties_at_each_row():
-    state = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(0, 0))
+    state = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
     for batch in range(30):  # 1,200 values in batches of 40: the ring wraps, keeping 200..1199
         dqn.record_q(state, torch.arange(40 * batch, 40 * batch + 40, dtype=torch.float32))
     state.gap_record = [1.0, 2.0]
@@ -32,7 +32,7 @@ def test_average_q_is_the_mean_of_the_last_1000_values_and_the_gap_record_emptie
     assert state.gap_record == []  # the authors' record is emptied when a row reads it
     again = dqn.claim_statistics(state)
     assert again["average_q"] == 699.5 and again["average_action_gap"] is None and again["relative_action_gap"] is None
-    fresh = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(0, 0))
+    fresh = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
     assert dqn.claim_statistics(fresh) == {"average_q": None, "average_action_gap": None, "relative_action_gap": None}
     dqn.record_q(fresh, torch.tensor([-4.0, -2.0]))  # the denominator is |average_q|
     fresh.gap_record = [0.5]

@@ -188,8 +188,8 @@ def test_learning_never_waits_for_the_gpu(algo, flags):
     rb = random_replay(script, device)
     setup = script.TrainingSetup(device, 18, 18.0, network, copy.deepcopy(network), script.make_optimizer(args, network), rb,
                                  envs=None, eval_env=None, rng=None, eval_rng=None, loss_fn=script.LOSS)
-    state = script.LoopState(obs=None, starting=None, sums=torch.zeros(3, device=device),
-                             bad_step=torch.tensor(-1, device=device), update_origin=(0, 0), global_step=4,
+    state = script.LoopState(obs=None, resetting=None, sums=torch.zeros(3, device=device),
+                             bad_step=torch.tensor(-1, device=device), updates_from=(0, 0), global_step=4,
                              q_record=torch.zeros(script.Q_RECORD, device=device))
     script.learn(args, setup, state)  # the first update creates the optimizer's state
     torch.cuda.synchronize()

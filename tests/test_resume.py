@@ -320,7 +320,7 @@ def test_a_run_extended_from_n_to_m_steps_equals_a_run_of_m_steps(tmp_path):
     flags = [*TINY, "--env-id", "ALE/Pong-v5", "--eval-interval", "0", "--max-episode-steps", "100", "--save-model"]
     run("dqn", tmp_path, *flags, "--total-timesteps", "600", "--run-name", "straight")
     run("dqn", tmp_path, *flags, "--total-timesteps", "400", "--run-name", "ext")
-    assert torch.load(tmp_path / "runs/ext/checkpoint.pt", weights_only=False)["starting"].all()
+    assert torch.load(tmp_path / "runs/ext/checkpoint.pt", weights_only=False)["resetting"].all()
     run("dqn", tmp_path, "--resume", "runs/ext", "--total-timesteps", "600")
     a, b = (load_model(tmp_path / f"runs/{r}/dqn_atari_meanexp.cleanrl_model") for r in ("straight", "ext"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -331,14 +331,17 @@ def test_a_run_extended_from_n_to_m_steps_equals_a_run_of_m_steps(tmp_path):
     assert (final_a["scores"], final_a["total_steps"]) == (final_b["scores"], final_b["total_steps"])
 
 
+@pytest.mark.parametrize("commit", ["d1f556d", "2bc82a9"])
 @pytest.mark.parametrize("algo,extra", [("dqn", []), ("iqn", SMALL_IQN)])
-def test_a_checkpoint_written_before_the_machinery_moved_to_longrun_py_still_resumes(tmp_path, algo, extra):
-    """Issue 23 moved the machinery into longrun.py. A run that the scripts as they were before (tests/data holds them,
-    gzipped) stopped with a checkpoint resumes with today's script and ends exactly as today's uninterrupted run."""
+def test_a_checkpoint_written_by_an_earlier_version_still_resumes(tmp_path, algo, extra, commit):
+    """A run that the scripts of an earlier commit stopped with a checkpoint resumes with today's script and ends exactly
+    as today's uninterrupted run: d1f556d's, from before issue 23 moved the machinery into longrun.py, and 2bc82a9's,
+    from before issue 32 made longrun.py a library and renamed two LoopState fields (tests/data holds them, gzipped)."""
     old = tmp_path / "before" / f"{algo}_atari_meanexp.py"
     old.parent.mkdir()
-    with open(os.path.join(ROOT, "tests", "data", f"{algo}_atari_meanexp_d1f556d.py.gz"), "rb") as f:
-        old.write_bytes(gzip.decompress(f.read()))
+    for name in [f"{algo}_atari_meanexp"] + (["longrun"] if commit != "d1f556d" else []):
+        with open(os.path.join(ROOT, "tests", "data", f"{name}_{commit}.py.gz"), "rb") as f:
+            (old.parent / f"{name}.py").write_bytes(gzip.decompress(f.read()))
     flags = [*TINY, *extra, "--save-model", "--progress-interval", "0.001"]
     proc = subprocess.Popen([sys.executable, "-u", str(old), *flags, "--run-name", "cut"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -35,13 +35,13 @@ def test_act_is_greedy_at_epsilon_0_and_uniform_at_epsilon_1():
 
 def line_of(progress, state, now):
     """The line the loop asks for (train() passes these LoopState fields)."""
-    return progress.line(state.global_step, state.episodes, state.recent_returns, state.update_origin[0], now)
+    return progress.line(state.global_step, state.episodes, state.recent_returns, state.updates_from[0], now)
 
 
 def test_the_eta_uses_the_recent_rate_not_the_whole_runs_average():
     args = dqn.Args(total_timesteps=1_000_000, progress_interval=30)
     progress = longrun.Progress(args.total_timesteps, args.progress_interval, step=0, now=0.0, window=10)
-    state = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(0, 0))
+    state = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
     state.global_step = 50_000  # collecting before learning starts: fast
     assert line_of(progress, state, 30.0) is not None
     assert line_of(progress, state, 31.0) is None  # the next line is due 30 s later
@@ -60,7 +60,7 @@ def test_the_eta_waits_until_the_recent_window_holds_learning_steps_only():
     """Steps before learning starts run several times faster: an ETA from them would promise hours for days."""
     args = dqn.Args(total_timesteps=1_000_000, progress_interval=30)
     progress = longrun.Progress(args.total_timesteps, args.progress_interval, step=0, now=0.0, window=3)
-    state = dqn.LoopState(obs=None, starting=None, sums=None, bad_step=None, update_origin=(50_000, 0))
+    state = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(50_000, 0))
     lines = []
     for i, step in enumerate((20_000, 40_000, 50_500, 51_000, 51_500, 52_000)):
         state.global_step = step
