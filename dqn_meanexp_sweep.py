@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import dqn_meanexp
+import longrun  # the lock that keeps one sweep per --out folder
 
 AUTHORS_KS = (0, 1, 4, 16, 32, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # plot_lunar_lander.py's
 CURVE_KS = (0, 16, 32, 256, 2048, 8192, 16384, 32768)  # the k whose score curves its figure draws (params_to_plot)
@@ -593,7 +594,11 @@ def main(args: SweepArgs):
                if getattr(args.dqn, name) != getattr(dqn_meanexp.Args(), name)]
     dqn_meanexp.check_args(args.dqn, errors, flag_prefix="--dqn.")  # exits with code 2 naming every error
     if not args.plot_only:
+        os.makedirs(args.out, exist_ok=True)  # one sweep per folder, as one Atari run per run directory: a lock on it
+        lock = longrun.lock_run_dir(args.out, advice="Wait for it to end, or choose another --out")
+        longrun.name_holder(lock)
         run_part(args)
+        lock.close()
     return plot(args.out, args.figure_dir or args.out)
 
 

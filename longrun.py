@@ -86,11 +86,12 @@ def older_checkpoints(run_dir: str) -> list:
     return [OLDER_CHECKPOINT.format(step=step) for step in sorted(steps, reverse=True)]
 
 
-def lock_run_dir(run_dir: str, wait_seconds: float = 2.0):
+def lock_run_dir(run_dir: str, wait_seconds: float = 2.0, advice: Optional[str] = None):
     """Locks the run directory for this process's whole life (flock: the kernel lets go when the process ends, kill -9
     included). Where another process still holds it after wait_seconds (a requeued job may start while the old process
-    is ending): exits with code 2, naming it as the lock file does. Returns the open lock file, which must stay open;
-    name_holder() writes this process into it once the run writes anything (a refused command changes nothing)."""
+    is ending): exits with code 2, naming it as the lock file does, and what to do (advice). Returns the open lock file,
+    which must stay open; name_holder() writes this process into it once the run writes anything (a refused command
+    changes nothing)."""
     lock = open(os.path.join(run_dir, LOCK), "a+")  # creates it where missing (a run from before the lock)
     try:
         taken = flock_within(lock, wait_seconds)
@@ -101,8 +102,9 @@ def lock_run_dir(run_dir: str, wait_seconds: float = 2.0):
     if not taken:
         lock.seek(0)
         holder = lock.read().strip() or "a process that has not written its name yet"
-        fail([f"{run_dir} is in use by another process ({holder}): one process per run directory. Let it finish, "
-              f"or stop it (it checkpoints on SIGTERM), then --resume {run_dir}; nothing was written"])
+        advice = advice or f"Let it finish, or stop it (it checkpoints on SIGTERM), then --resume {run_dir}"
+        fail([f"{run_dir} is in use by another process ({holder}): one process per run directory. {advice}; nothing "
+              "was written"])
     HELD_LOCKS.add(lock)  # forked env workers close their copy (leave_signals_to_main_process)
     return lock
 

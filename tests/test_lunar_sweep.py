@@ -383,3 +383,21 @@ def test_a_part_that_never_learns_says_so_and_still_draws_its_figures(tmp_path):
     again = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp_sweep.py"), "--out", str(tmp_path / "s"),
                             "--plot-only"], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0, again.stderr
+
+
+def test_a_second_sweep_into_a_folder_in_use_is_refused_before_it_trains(tmp_path):
+    """Issue 34: two sweeps into one --out both trained the same members, and one printed the other's numbers as its own.
+    One sweep per folder: the second is refused (exit 2) naming the first, and trains nothing."""
+    import fcntl
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with open(out / "run.lock", "a+") as held:  # the first sweep, as its lock file says
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345 on elsewhere, since 2026-12-05 10:00:00 UTC\n")
+        held.flush()
+        result = run_sweep(out, "--ks", "0", "--seeds", "1", "--dqn.total-timesteps", "600")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{out} is in use by another process (pid 12345 on elsewhere" in result.stderr
+    assert "Wait for it to end, or choose another --out" in result.stderr
+    assert not (out / "runs").exists()
