@@ -10,6 +10,7 @@ k * mean_b u(s, b): every TD update on one action also moves the value all actio
 (brett-daley/me_layer: scripts/classic_control/train_dqn_lunar_lander.py, on PFRL), the defaults below.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -259,8 +260,10 @@ def main(args: Args) -> list:
     """Trains, evaluating before training and every --eval-interval steps; returns the evaluations."""
     try:
         eval_env, env_errors = make_env(args.env_id), []
-    except (ValueError, gym.error.Error) as e:
+    except (ValueError, ImportError, gym.error.Error) as e:  # ImportError: an id "module:Env" of a module not installed
         env_errors = [f"--env-id {args.env_id}: {e}"]
+    if args.track and importlib.util.find_spec("wandb") is None:
+        env_errors.append("--track needs wandb: pip install -r requirements-track.txt")
     check_args(args, env_errors)
     run_dir = f"runs/{args.env_id.replace('/', '_')}__{args.exp_name}__k{args.me_coef:g}__{args.seed}__{int(time.time())}"
     for n in range(2, 1000):  # a run started in the same second as another gets a directory of its own: ..._2, _3, ...
@@ -269,11 +272,22 @@ def main(args: Args) -> list:
             break
         except FileExistsError:
             run_dir = f"{run_dir.rsplit('__', 1)[0]}__{int(time.time())}_{n}"
-    env = make_env(args.env_id, os.path.join(run_dir, "videos") if args.capture_video else "")
+        except OSError as e:  # a working directory this user cannot write into, or a file named runs
+            print(f"error: cannot make the run directory {run_dir} here ({e}); run from a folder you can write into",
+                  file=sys.stderr)
+            sys.exit(2)
     if args.track:
         import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
-                   config=vars(args), name=os.path.basename(run_dir), save_code=True)
+
+        try:
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, sync_tensorboard=True,
+                       config=vars(args), name=os.path.basename(run_dir), save_code=True)
+        except Exception as e:  # no login, no network: say so now, and leave nothing behind
+            os.rmdir(run_dir)
+            print(f"error: --track: wandb could not start ({type(e).__name__}: {e}); run `wandb login`, or set "
+                  "WANDB_MODE=offline and upload later with `wandb sync`", file=sys.stderr)
+            sys.exit(2)
+    env = make_env(args.env_id, os.path.join(run_dir, "videos") if args.capture_video else "")
     writer = SummaryWriter(run_dir)  # the flags are in evaluations.json
     print(f"k={args.me_coef:g} on {args.env_id}, seed {args.seed}: logs in {run_dir}")
     if args.total_timesteps < args.learning_starts:

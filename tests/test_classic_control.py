@@ -135,6 +135,7 @@ def test_capture_video_writes_the_training_episodes(in_tmp):
     (["--seed", "-1"], "--seed must be in [0, 2^32 - 2], got -1"),  # these gave tracebacks after the run directory
     (["--seed", "4294967296"], "--seed must be in [0, 2^32 - 2], got 4294967296"),
     (["--exp-name", "../../x"], "--exp-name '../../x' must be a plain name"),  # it escaped runs/
+    (["--env-id", "nosuchmodule:Foo-v0"], "--env-id nosuchmodule:Foo-v0: No module named 'nosuchmodule'"),  # a traceback
 ])
 def test_bad_flags_are_refused_before_anything_is_written(in_tmp, flags, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp.py"), *flags, "--eval-episodes", "0"],
@@ -181,3 +182,26 @@ def test_a_run_that_cannot_learn_or_ends_unevaluated_says_so_and_names_its_direc
     assert "logs in runs/LunarLander-v3__dqn_meanexp__k4__1__" in out
     assert "the network will make no update" in err  # issue 34: these passed in silence
     assert "the last 50 steps' network is never evaluated" in err
+
+
+def run_script(*flags, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "dqn_meanexp.py"), *flags], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_working_directory_it_cannot_write_into_is_named_not_a_traceback(in_tmp):
+    """Issue 34: a read-only working directory gave a traceback. (As root every folder is writable: a file named runs
+    stands in for one, making the run directory just as impossible.)"""
+    open("runs", "w").close()
+    result = run_script("--total-timesteps", "300", "--learning-starts", "200", "--eval-interval", "300")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: cannot make the run directory runs/" in result.stderr and "a folder you can write into" in result.stderr
+
+
+def test_track_without_a_wandb_login_says_how_and_leaves_no_run_directory(in_tmp):
+    """Issue 34: --track without a login gave a traceback; the Atari scripts exit 2 with advice, and so does this one."""
+    result = run_script("--total-timesteps", "300", "--learning-starts", "200", "--eval-interval", "300", "--track",
+                        env={"WANDB_MODE": "online", "WANDB_API_KEY": ""})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--track: wandb could not start" in result.stderr and "WANDB_MODE=offline" in result.stderr
+    assert not os.listdir("runs")
