@@ -1,6 +1,6 @@
 """From a folder of runs to the paper's tables and figures.
 
-    python plot_results.py --runs-dir runs --out-dir results
+    python plot_results.py --runs-dir runs --out-dir report
 
 Reads every run directory that dqn_atari_meanexp.py or iqn_atari_meanexp.py wrote (config.json,
 final_eval.json and the TensorBoard events) and writes to --out-dir:
@@ -48,6 +48,7 @@ import tyro  # noqa: E402
 from rliable import library as rly  # noqa: E402
 from rliable import metrics  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.compat.tensorflow_stub import errors as tf_errors, pywrap_tensorflow  # noqa: E402 (the events' reader)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # rliable hands arch a numpy RandomState, which arch 7 deprecates; the bootstrap is the same
@@ -58,7 +59,7 @@ warnings.filterwarnings("ignore", message="random_state is deprecated", category
 class Args:
     runs_dir: str = "runs"
     """the folder holding the run directories (as run_all.sh and the scripts write them)"""
-    out_dir: str = "results"
+    out_dir: str = "report"
     """where the tables, figures and report.md are written (created if needed; these files are replaced)"""
     games_csv: str = os.path.join(HERE, "atari57.csv")
     """the games with their ids and their random and human scores"""
@@ -147,6 +148,7 @@ class Run:
     game: str = ""  # from env_id, through atari57.csv
     settings: tuple = ()  # network, optimizer, loss
     me_coef: float = 0.0  # k as a number (|A| as the run's number of actions)
+    damaged: tuple = ()  # what is wrong with its event files (damaged_events): its curves stop where the damage is
 
 
 def read_run(path: str):
@@ -173,9 +175,28 @@ def read_run(path: str):
             curves[tag] = (np.array([p.step for p in points], dtype=np.int64), np.array([p.value for p in points]))
         last_step = max([int(accumulator.Scalars(t)[-1].step) for t in tags] + [0])
         return Run(path, algo, variant, config["env_id"], k, baselines, int(config["seed"]), int(config.get("eval_interval", 0)),
-                   final, curves, max(last_step, final["total_steps"] if final else 0), settings=settings, me_coef=me_coef)
+                   final, curves, max(last_step, final["total_steps"] if final else 0), settings=settings, me_coef=me_coef,
+                   damaged=damaged_events(path))
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{path}: not a readable run ({type(error).__name__}: {error})"
+
+
+def damaged_events(path: str) -> tuple:
+    """One sentence per event file of the run that cannot be read to its end (a failed checksum, a cut record): the
+    TensorBoard reader stops there without a word, so the run's curves would end early in silence."""
+    damaged = []
+    for events in sorted(glob.glob(os.path.join(path, "events.out.tfevents.*"))):
+        reader = pywrap_tensorflow.PyRecordReader_New(events)
+        while True:
+            try:
+                reader.GetNext()
+            except tf_errors.OutOfRangeError:  # the end of the file
+                break
+            except tf_errors.DataLossError as error:
+                why = error.message.replace(events, "").strip()
+                damaged.append(f"its event file {os.path.basename(events)} is damaged ({why}): its curves stop there")
+                break
+    return tuple(damaged)
 
 
 def find_runs(runs_dir: str, workers: int):
@@ -724,8 +745,8 @@ def missing_data(variants: dict, all_games: list, aggregate_notes: dict, curve_n
                              f"than the statistic, or no evaluation yet): left out of the claims section ({run.path})")
         lines += [f"{name}, final-score aggregate: {note}" for note in aggregate_notes.get(name, [])]
         lines += [f"{name}, IQM curve: {note}" for note in curve_notes.get(name, [])]
-    lines += [f"not read: {p}" for p in problems]
-    return lines
+    lines += [f"{run.path}: {note}" for runs in variants.values() for run in runs for note in run.damaged]
+    return lines + problems
 
 
 def significant(value) -> str:
@@ -807,7 +828,7 @@ def drop_duplicates(runs: list):
     for group in groups.values():
         group.sort(key=lambda r: (r.final is not None, r.last_step, r.path), reverse=True)
         kept.append(group[0])
-        notes += [f"{other.path}: left out, the same variant, game and seed as {group[0].path}, which got further "
+        notes += [f"{other.path}: the same variant, game and seed as {group[0].path}, which got further "
                   "(runs of different protocols belong in different --runs-dir folders)" for other in group[1:]]
     return sorted(kept, key=lambda r: r.path), notes
 
@@ -861,7 +882,7 @@ def main(args: Args):
         fail(f"no run found under {args.runs_dir!r} (a run is a directory with the config.json the scripts write)"
              + (": " + "; ".join(problems) if problems else ""))
     runs, duplicates = drop_duplicates(runs)
-    problems += duplicates
+    problems = [f"not read: {p}" for p in problems] + [f"left out: {d}" for d in duplicates]
     os.makedirs(args.out_dir, exist_ok=True)
     variants = {}  # name -> runs, in the paper's order
     for run in sorted(runs, key=lambda r: variant_order(r.variant)):

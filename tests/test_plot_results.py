@@ -1,6 +1,7 @@
 """plot_results.py on synthetic run folders with known values: the numbers, the figures, and what is missing."""
 
 import csv
+import glob
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
+import plot_results
 from conftest import ROOT
 from synthetic_runs import DEMO_GAMES, make_demo, write_run
 
@@ -153,6 +155,10 @@ def test_partial_results_are_used_and_every_gap_is_named(demo, tmp_path):
     stale = runs / "_batch" / "stale" / "seaquest__dqn__s1.20261124-101010"  # an earlier, unfinished try of a run
     shutil.copytree(runs / "seaquest__dqn__s1", stale)
     os.remove(stale / "final_eval.json")
+    events = glob.glob(str(runs / "space_invaders__dqn__s2" / "events.out.tfevents.*"))[0]
+    with open(events, "r+b") as f:  # a damaged event file: the reader stopped at the damage without a word (issue 34)
+        f.seek(os.path.getsize(events) // 2)
+        f.write(b"\x00damage\x00" * 4)
     proc = plot(runs, tmp_path / "out")
     report = (tmp_path / "out" / "report.md").read_text()
     assert "- DQN: no run at all for 50 of 57 games: " in report and "pong" in report.split("DQN: no run at all")[1]
@@ -161,8 +167,10 @@ def test_partial_results_are_used_and_every_gap_is_named(demo, tmp_path):
     assert "IB-DQN(k), qbert, seed 3: unfinished (no final_eval.json" in report and "in the curves, not in the final scores" in report
     assert "IB-DQN(k), final-score aggregate: qbert: only 2 of 3 seeds, left out" in report
     assert f"not read: {runs / 'broken'}: not a readable run" in report
-    assert f"not read: {stale}: left out, the same variant, game and seed as {runs / 'seaquest__dqn__s1'}" in report
+    assert f"left out: {stale}: the same variant, game and seed as {runs / 'seaquest__dqn__s1'}" in report  # not "not read"
     assert "IB-IQN, IQM curve: breakout: only 2 of 3 seeds, left out" in report
+    assert (f"{runs / 'space_invaders__dqn__s2'}: its event file {os.path.basename(events)} is damaged (failed event crc32 "
+            "check): its curves stop there") in report
     rows = read_csv(tmp_path / "out" / "aggregate.csv")
     assert aggregate(rows, "DQN", "iqm")[3]["games"] == "7"
     assert aggregate(rows, "IB-IQN", "iqm")[3]["games"] == "7"
@@ -380,3 +388,15 @@ def test_a_file_as_out_dir_is_refused_first_and_a_final_eval_without_mean_is_nam
     done = plot(runs, tmp_path / "out")
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"not read: {bad}: not a readable run (KeyError: 'mean')" in report, done.stdout
+
+
+def test_the_default_out_dir_is_not_a_committed_folder():
+    """Issue 34: the default --out-dir results wrote beside the committed results/lunar_sweep. The default folder holds no
+    committed file, and git ignores it."""
+    out_dir = plot_results.Args().out_dir
+    tracked = subprocess.run(["git", "ls-files", out_dir], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode:
+        pytest.skip("not a git checkout")
+    assert tracked.stdout == "" and not out_dir.startswith("results")
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(out_dir, "report.md")], cwd=ROOT)
+    assert ignored.returncode == 0, f"git does not ignore {out_dir}/"
