@@ -553,8 +553,9 @@ def discounted_returns(rewards, gamma: float, bootstrap: float = 0.0) -> np.ndar
 
 
 def episode_statistics(q, rewards, gamma: float, bootstrap: float) -> dict:
-    """The authors' statistics of one evaluation episode (PAPER.md, "Metrics"): q[t] = Q(s_t, a_t) of the greedy
-    action, rewards sign-clipped, bootstrap = Q(s_T, greedy action) where the episode was cut, 0 where it ended."""
+    """The authors' statistics of one evaluation episode (their `me_layer` evaluation; docs/analysis.md): q[t] =
+    Q(s_t, a_t) of the greedy action, rewards sign-clipped, bootstrap = Q(s_T, greedy action) where the episode was cut,
+    0 where it ended."""
     q, returns = np.asarray(q, dtype=np.float64), discounted_returns(rewards, gamma, bootstrap)
     error = q - returns
     return {"overestimation": error.mean(), "normalized_overestimation": error.mean() / abs(q.mean()), "mean_q": q.mean(),

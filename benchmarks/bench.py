@@ -285,8 +285,10 @@ def main():
                                         train_steps=sizes["train_steps"] * num_envs,
                                         log_interval=sizes["log_interval"] * num_envs),
                        "replay_bytes_per_transition": script.ReplayBuffer.bytes_needed(1_000_000, num_envs) / 1_000_000}
-                row["share_of_allowed"] = row["training_sps"] / row["allowed_sps"]
-                row["share_of_env_only"] = row["training_sps"] / row["env_sps"]
+                # --quick times a few dozen updates under whatever else runs: its shares would be noise (issue 34 saw
+                # 515%), so it gives none; its rates only show that every part runs
+                row["share_of_allowed"] = None if args.quick else row["training_sps"] / row["allowed_sps"]
+                row["share_of_env_only"] = None if args.quick else row["training_sps"] / row["env_sps"]
                 rows.append(row)
                 print_row(row)
     if args.json is not None:
@@ -298,11 +300,12 @@ def print_row(row: dict):
     ale = f" (AtariVectorEnv {row['ale_vector_env_sps']:,.0f})" if row["ale_vector_env_sps"] is not None else ""
     together = "" if row["concurrent_runs"] == 1 else \
         f" | {row['concurrent_runs']} runs at once: {row['total_training_sps']:,.0f} SPS in total"
+    shares = ("(--quick: too few steps for a share of either)" if row["share_of_allowed"] is None else
+              f"= {100 * row['share_of_allowed']:.0f}% of allowed, {100 * row['share_of_env_only']:.0f}% of env-only")
     print(f"{row['algo']} x{row['num_envs']}: env-only {row['env_sps']:,.0f} SPS{ale} | act {row['act_ms']:.2f} ms | sample "
           f"{row['sample_ms']:.2f} ms | update {row['update_ms']:.1f} ms | allowed {row['allowed_sps']:,.0f} SPS | "
-          f"training {row['training_sps']:,.0f} SPS per run = {100 * row['share_of_allowed']:.0f}% of allowed, "
-          f"{100 * row['share_of_env_only']:.0f}% of env-only{together} | peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB",
-          flush=True)
+          f"training {row['training_sps']:,.0f} SPS per run {shares}{together} | peak RSS "
+          f"{row['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
 
 
 def write_results(path: str, device: torch.device, quick: bool, rows: list):

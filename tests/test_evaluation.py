@@ -1,4 +1,4 @@
-"""Evaluation: raw scores of whole episodes and the overestimation of PAPER.md, on hand-checkable episodes."""
+"""Evaluation: raw scores of whole episodes and the authors' overestimation, on hand-checkable episodes."""
 
 import gymnasium as gym
 import numpy as np
@@ -73,7 +73,7 @@ def test_recorded_q_is_an_estimate_independent_of_the_one_that_chose():
 
 
 # ---------------------------------------------------------------------------
-# The authors' overestimation (PAPER.md, "Metrics"), on scripted episodes with a known Q
+# The authors' overestimation (docs/analysis.md), on scripted episodes with a known Q
 # ---------------------------------------------------------------------------
 
 

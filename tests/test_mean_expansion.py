@@ -1,4 +1,4 @@
-"""The mean-expansion layer: Q = u + k * mean_b u(b), exactly as PAPER.md defines it."""
+"""The mean-expansion layer: Q = u + k * mean_b u(b), exactly as the paper defines it."""
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ def test_matches_formula_on_random_inputs(k):
     u = torch.randn(5, 18, dtype=F64)
     expected = torch.stack([u[i] + k * u[i].sum() / 18 for i in range(5)])
     torch.testing.assert_close(mean_expansion(u, k), expected, rtol=0, atol=1e-12)
-    # the equivalent form of PAPER.md: (1 + k) * mean + (u - mean)
+    # the equivalent form of the paper: (1 + k) * mean + (u - mean)
     m = u.mean(dim=-1, keepdim=True)
     torch.testing.assert_close(mean_expansion(u, k), (1 + k) * m + (u - m), rtol=0, atol=1e-12)
 

@@ -1,4 +1,4 @@
-"""The paper's DQN rows as the authors ran them (PAPER.md): losses, the Nature RMSprop, PFRL's initialization,
+"""The paper's DQN rows as the authors ran them (their code, `me_layer` on PFRL): losses, the Nature RMSprop, PFRL's initialization,
 the dueling and RDQ baselines, and the settings a run records; exact values where the math gives them."""
 
 import json

@@ -36,3 +36,22 @@ def test_every_benchmark_script_imports_and_answers_help(script):
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", script), "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stdout + proc.stderr
+
+
+def test_the_docs_cite_no_file_the_repository_lacks():
+    """Issue 34: the docs cited PAPER.md (../shared/PAPER.md), which a user of the repository does not have. Every
+    relative link of the docs leads to a file in the repository, and no text names PAPER.md or ../shared."""
+    import glob
+    import re
+
+    pages = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md")),
+             *glob.glob(os.path.join(ROOT, "benchmarks", "*.md"))]
+    texts = {page: read(page) for page in pages}
+    texts.update({name: read(name) for name in os.listdir(ROOT) if name.endswith(".py")})
+    for page, text in texts.items():
+        assert "PAPER.md" not in text and "../shared" not in text, f"{page} cites a file outside the repository"
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", texts[page]):
+            if not target.startswith(("http://", "https://", "mailto:")):
+                path = os.path.normpath(os.path.join(os.path.dirname(page), target))
+                assert os.path.exists(path), f"{os.path.relpath(page, ROOT)} links to {target}, which is not in the repository"

@@ -19,7 +19,7 @@ SHARED = {"make_env", "make_train_envs", "mean_expansion", "Batch", "ReplayBuffe
           "RESUME_MAY_CHANGE", "evaluate_saved_model", "game_actions", "run_settings", "TrainingSetup",
           "Q_RECORD", "measure_action_gap", "record_q", "claim_statistics", "save_checkpoint", "restore_checkpoint",
           "check_finite", "RENAMED_FIELDS"}
-# shared flags whose default, type or text differ (PAPER.md): the optimizer's values, IQN's 200 final episodes, k's default
+# shared flags whose default, type or text differ (the paper's protocol): the optimizer's values, IQN's 200 final episodes, k's default
 ARGS_DIFFERENCES = {"exp_name", "learning_rate", "optimizer_eps", "final_eval_episodes", "me_coef"}
 DQN_ONLY_FLAGS = {"network", "loss", "optimizer", "rdq_penalty"}  # IQN has one network, loss and optimizer
 

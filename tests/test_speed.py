@@ -98,9 +98,10 @@ def test_quick_benchmark_writes_the_documented_json_with_concurrent_runs(tmp_pat
         assert row["env_sps"] > row["training_sps"] > 0 and row["update_ms"] > row["sample_ms"] > 0 and row["act_ms"] > 0
         assert row["allowed_sps"] == pytest.approx(1 / (row["env_ms"] / 1e3 + row["act_ms"] / 1e3 + row["update_ms"] / 4e3))
         assert row["peak_rss_bytes"] > 100e6
-        if n == 1:  # alone, the loop's rate is what its measured parts allow, give or take noise (and other load:
-            assert 1 / 3 < row["share_of_allowed"] < 3  # parts and loop are timed apart); an update counted 4x is not
+        # a few dozen updates beside other load: --quick gives no share of the allowed rate (issue 34: it printed 515%)
+        assert row["share_of_allowed"] is None and row["share_of_env_only"] is None
     assert "dqn x1: env-only" in proc.stdout and "2 runs at once" in proc.stdout
+    assert "% of allowed" not in proc.stdout and "--quick: too few steps for a share of either" in proc.stdout
 
 
 @pytest.mark.parametrize("flags, message", [(["--concurrent", "0"], "must be >= 1"), (["--num-envs", "0"], "must be >= 1"),
