@@ -728,8 +728,9 @@ def evaluate_saved_model(args: Args):
     stats = final_statistics(result)
     longrun.write_result(out, {"algo": ALGO, "model": path, "env_id": args.env_id, "seed": args.seed,
                                "epsilon": args.eval_epsilon, **stats})
+    over = "n/a (no episode finished)" if stats["overestimation"] is None else f"{stats['overestimation']:.3f}"
     print(f"evaluation of {path}: mean {stats['mean']:.1f}, median {stats['median']:.1f} over {stats['episodes']} "
-          f"episodes, overestimation {stats['overestimation']} -> {out}")
+          f"episodes, overestimation {over} -> {out}")
 
 
 # ===========================================================================

@@ -203,7 +203,7 @@ def check_resume(args, algo: str, may_change: tuple) -> list:
     if config is None:
         return [f"--resume {run_dir!r} is not a run directory of these scripts (no readable config.json)"]
     if config["algo"] != algo:
-        return [f"--resume {run_dir!r} is a {config['algo'].upper()} run: resume it with {config['algo']}_atari_meanexp.py"]
+        return [f"--resume {run_dir!r} is a run of {config['algo']}_atari_meanexp.py: resume it with that script"]
     errors = []
     if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)) and not older_checkpoints(run_dir):
         errors.append(f"--resume {run_dir!r} has no {CHECKPOINT} (the run stopped before its first one): "
@@ -528,8 +528,8 @@ def check_eval_model(args, algo: str, out: str, errors: list):
         errors.append(f"--eval-model {path!r}: no such file (--save-model writes runs/RUN/EXP_NAME.cleanrl_model, and "
                       "EXP_NAME_best.cleanrl_model only where the run had periodic evaluations)")
     elif config is not None and config["algo"] != algo:
-        errors.append(f"--eval-model {path!r} is a {config['algo'].upper()} model: "
-                      f"evaluate it with {config['algo']}_atari_meanexp.py")
+        errors.append(f"--eval-model {path!r} is a model of {config['algo']}_atari_meanexp.py: evaluate it with that "
+                      "script")
     if os.path.exists(out):
         errors.append(f"{out} exists (this model, this seed): move it away or choose another --seed (nothing was overwritten)")
     if errors:

@@ -410,7 +410,7 @@ def aggregate_curve(runs: list, game_scores: dict, args: Args):
         iqm.append(float(point["x"]))
         low.append(float(interval["x"][0, 0]))
         high.append(float(interval["x"][1, 0]))
-    note = f"{len(games)} games x {len(chosen[games[0]])} seeds, up to step {steps[-1]:,}, the last every run used has reached"
+    note = f"{count(len(games), 'game')} x {count(len(chosen[games[0]]), 'seed')}, up to step {steps[-1]:,}, the last every run used has reached"
     return (np.array(steps), np.array(iqm), np.array(low), np.array(high), note), notes
 
 
@@ -770,10 +770,10 @@ def claims_report(rows: list) -> list:
         over = [r["overestimation_decrease_pct"] for r in pair if r["overestimation_decrease_pct"] is not None]
         summary = []
         if gaps:
-            summary.append(f"relative action gap larger on {sum(g > 0 for g in gaps)} of {len(gaps)} games (median increase "
+            summary.append(f"relative action gap larger on {sum(g > 0 for g in gaps)} of {count(len(gaps), 'game')} (median increase "
                            f"{np.median(gaps):.4g})")
         if over:
-            summary.append(f"overestimation smaller on {sum(o > 0 for o in over)} of {len(over)} games (median decrease "
+            summary.append(f"overestimation smaller on {sum(o > 0 for o in over)} of {count(len(over), 'game')} (median decrease "
                            f"{np.median(over):.3g}%)")
         cells = [{"game": r["game"], "gap, variant": significant(r["variant_relative_action_gap"]),
                   "gap, baseline": significant(r["baseline_relative_action_gap"]),
@@ -838,6 +838,11 @@ def write_csv(path: str, rows: list, columns: list):
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def count(n: int, word: str) -> str:
+    """'1 run', '2 runs'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def fail(message: str):
@@ -932,7 +937,7 @@ def main(args: Args):
         if changes:
             name = f"relative_change_{slug(variant)}_vs_{slug(baseline)}.png"
             plot_relative_change(changes, variant, baseline, os.path.join(args.out_dir, name))
-            figures.append((name, f"Per game, {variant} against {baseline} on the final evaluation ({len(changes)} games with both)."))
+            figures.append((name, f"Per game, {variant} against {baseline} on the final evaluation ({count(len(changes), 'game')} with both)."))
     for variant, baseline in dict.fromkeys((r["variant"], r["baseline"]) for r in claims):
         pair = [r for r in claims if (r["variant"], r["baseline"]) == (variant, baseline)]
         for key, ylabel, what in (("relative_action_gap_increase", "relative action gap increase", "Relative action gap"),
@@ -944,7 +949,7 @@ def main(args: Args):
             plot_claim_bars(values, ylabel, f"{what}: {variant} against {baseline}, whole-run means", os.path.join(args.out_dir, name))
             clip = f" Unclipped: the authors' figure clips each bar to {AUTHORS_GAP_CLIP}." if key.startswith("relative") else ""
             figures.append((name, f"Per game, {ylabel} of {variant} against {baseline}, as the authors' "
-                            f"plotting/two_alg_aux.py computes it ({len(values)} games).{clip}"))
+                            f"plotting/two_alg_aux.py computes it ({count(len(values), 'game')}).{clip}"))
     if sweeps:
         plot_k_sensitivity(sweeps, os.path.join(args.out_dir, "k_sensitivity.png"))
         figures.append(("k_sensitivity.png", "The authors' k figure: per game, the AUC of the human-normalized evaluation "
@@ -996,7 +1001,8 @@ def main(args: Args):
     report += [f"- {line}" for line in missing] or ["Nothing: every variant has every game and seed, all finished."]
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:
         f.write("\n".join(report) + "\n")
-    print(f"{len(runs)} runs in {len(variants)} variants -> {args.out_dir}/report.md ({len(missing)} gaps listed there)")
+    print(f"{count(len(runs), 'run')} in {count(len(variants), 'variant')} -> {args.out_dir}/report.md "
+          f"({count(len(missing), 'gap')} listed there)")
 
 
 if __name__ == "__main__":

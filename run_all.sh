@@ -76,6 +76,7 @@ declare -A GAME_SETS=([atari5]="battle_zone double_dunk name_this_game phoenix q
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 log() { echo "run_all.sh: $*"; }
+count() { [ "$1" = 1 ] && echo "1 $2" || echo "$1 ${2}s"; }  # count N WORD: "1 run", "2 runs"
 
 python_cmd() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"
@@ -387,7 +388,7 @@ if [ "$dry_run" = 1 ]; then
     IFS=$'\t' read -r name script flags <<<"$line"
     echo "$py $HERE/$script $flags"
   done
-  echo "# ${#plan_lines[@]} runs: ${#game_list[@]} games x ${#variant_list[@]} variants (${variant_list[*]}) x ${#seed_list[@]} seeds" >&2
+  echo "# $(count ${#plan_lines[@]} run): $(count ${#game_list[@]} game) x $(count ${#variant_list[@]} variant) (${variant_list[*]}) x $(count ${#seed_list[@]} seed)" >&2
   if [ "$backend" = slurm ] && [ ${#todo[@]} -gt 0 ]; then
     echo "# the sbatch script for the ${#todo[@]} runs not finished yet (not written, not submitted):" >&2
     sbatch_script >&2
@@ -397,7 +398,7 @@ fi
 
 mkdir -p runs/_batch/logs
 printf '%s\n' "${todo[@]+"${todo[@]}"}" >"$plan"
-log "${#plan_lines[@]} runs planned: $done_before already finished (skipped), ${#todo[@]} to run; plan in $plan"
+log "$(count ${#plan_lines[@]} run) planned: $done_before already finished (skipped), ${#todo[@]} to run; plan in $plan"
 [ ${#todo[@]} -gt 0 ] || exit 0
 
 # ---------------------------------------------------------------------------

@@ -93,6 +93,13 @@ def check_args(args: Args) -> list:
         errors.append(f"--step-sizes must be in (0, 1] (got {list(args.step_sizes)})")
     if not args.horizons or any(not (0 < h <= args.steps) for h in args.horizons):
         errors.append(f"--horizons must be in [1, --steps = {args.steps}] (got {list(args.horizons)})")
+    if len(set(args.horizons)) != len(args.horizons):
+        errors.append(f"--horizons must not repeat a value (got {list(args.horizons)})")
+    if args.value_error_interval > args.steps > 0:  # the value error would be measured once, at step 0 only
+        errors.append(f"--value-error-interval {args.value_error_interval} is longer than --steps {args.steps}: "
+                      "the value error would be measured before the first step only")
+    if not 0 <= args.seed < 2**63:  # NumPy's generator takes a seed >= 0
+        errors.append(f"--seed must be in [0, 2^63) (got {args.seed})")
     for name in ("noise_prob", "epsilon"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             errors.append(f"--{name.replace('_', '-')} must be a probability in [0, 1] (got {getattr(args, name)})")

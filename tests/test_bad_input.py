@@ -180,7 +180,7 @@ RESUME_BAD = [
     (dqn, ["--resume", "runs/missing"], ["--resume 'runs/missing': no such directory"]),
     (dqn, ["--resume", "runs/foreign"], ["'runs/foreign' is not a run directory", "config.json"]),
     (iqn, ["--resume", "runs/garbled"], ["'runs/garbled' is not a run directory"]),
-    (iqn, ["--resume", "runs/done"], ["'runs/done' is a DQN run", "dqn_atari_meanexp.py"]),
+    (iqn, ["--resume", "runs/done"], ["'runs/done' is a run of dqn_atari_meanexp.py: resume it with that script"]),
     (dqn, ["--resume", "runs/nockpt"], ["'runs/nockpt' has no checkpoint.pt", "remove or rename the directory"]),
     (dqn, ["--resume", "runs/done", "--learning-rate", "0.001"], ["--learning-rate 0.001 differs from the run's 6.25e-05",
                                                                   "--total-timesteps"]),
@@ -210,4 +210,4 @@ def test_bad_resume_is_refused_and_changes_nothing(finished_run, monkeypatch, ca
 def test_resume_from_the_command_line_exits_2(finished_run):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "iqn_atari_meanexp.py"), "--resume", "runs/done"],
                           cwd=finished_run, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "is a DQN run" in proc.stderr
+    assert proc.returncode == 2 and "is a run of dqn_atari_meanexp.py" in proc.stderr

@@ -36,6 +36,8 @@ def test_eval_model_reproduces_the_runs_final_evaluation_exactly(trained):
     keys = ("scores", "lengths", "mean", "overestimation", "normalized_overestimation", "mean_q", "truncated_episodes")
     assert {k: again[k] for k in keys} == {k: final[k] for k in keys} and again["episodes"] == 2
     assert "evaluation of runs/d/dqn_atari_meanexp.cleanrl_model" in proc.stdout
+    over = "n/a (no episode finished)" if final["overestimation"] is None else f"{final['overestimation']:.3f}"
+    assert f"overestimation {over} -> " in proc.stdout  # rounded, as the run's own lines (issue 34)
     refused = run("dqn", trained, "--eval-model", "runs/d/dqn_atari_meanexp.cleanrl_model", code=2)  # nothing overwritten
     assert "exists (this model, this seed)" in refused.stderr
     more = run("dqn", trained, "--eval-model", "runs/d/dqn_atari_meanexp.cleanrl_model", "--seed", "4",
@@ -47,7 +49,7 @@ def test_bad_models_are_refused_with_a_clear_message(trained):
     missing = run("dqn", trained, "--eval-model", "runs/d/nothing.cleanrl_model", code=2)
     assert "no such file" in missing.stderr
     other = run("iqn", trained, "--eval-model", "runs/d/dqn_atari_meanexp.cleanrl_model", code=2)
-    assert "is a DQN model: evaluate it with dqn_atari_meanexp.py" in other.stderr
+    assert "is a model of dqn_atari_meanexp.py: evaluate it with that script" in other.stderr
     os.makedirs(trained / "loose", exist_ok=True)  # without config.json: the flags decide, and the model must fit them
     model = torch.load(trained / "runs/d/dqn_atari_meanexp.cleanrl_model")
     torch.save(model, trained / "loose/m.cleanrl_model")

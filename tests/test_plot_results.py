@@ -400,3 +400,10 @@ def test_the_default_out_dir_is_not_a_committed_folder():
     assert tracked.stdout == "" and not out_dir.startswith("results")
     ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(out_dir, "report.md")], cwd=ROOT)
     assert ignored.returncode == 0, f"git does not ignore {out_dir}/"
+
+
+def test_one_run_is_counted_in_the_singular(tmp_path):
+    write_run(tmp_path / "runs", "pong__dqn__s1", "dqn", "ALE/Pong-v5", 1, me_coef=0, final_mean=-20.0,
+              eval_returns=[(250_000, -21.0), (500_000, -20.0)])
+    proc = plot(tmp_path / "runs", tmp_path / "out")
+    assert proc.stdout.startswith("1 run in 1 variant -> "), proc.stdout  # issue 34: "1 runs"

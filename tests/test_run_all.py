@@ -439,3 +439,8 @@ def test_run_all_names_the_scripts_exit_codes_and_lock_file_as_longrun_py_does()
     assert codes == {name: getattr(longrun, name) for name in codes}
     assert set(codes) == {"EXIT_REQUEUE", "EXIT_INTERRUPTED", "EXIT_NON_FINITE", "EXIT_STORAGE"}
     assert f'[ -f "$1/{longrun.LOCK}" ]' in text  # lock_holder looks for the lock file the scripts take
+
+
+def test_a_plan_of_one_says_one_run_not_1_runs(tmp_path):
+    proc = run_all(tmp_path, "--dry-run", "--algos", "dqn", "--games", "pong", "--seeds", "1", "--k", "0")
+    assert "# 1 run: 1 game x 1 variant (dqn) x 1 seed" in proc.stderr, proc.stderr  # issue 34: "1 runs", "1 games"

@@ -191,6 +191,9 @@ def test_a_tiny_run_writes_the_results_and_both_figures(tmp_path):
     (["--noise-prob", "1.5"], "--noise-prob must be a probability"),
     (["--noise", "slip"], "noise"),
     (["--value-error-coefs", "0", "3"], "--value-error-coefs [0.0, 3.0] must be among --me-coefs [0.0, 1.0]"),
+    (["--seed", "-1"], "--seed must be in [0, 2^63) (got -1)"),  # issue 34: a traceback and an empty --out
+    (["--horizons", "100", "100"], "--horizons must not repeat a value (got [100, 100])"),
+    (["--value-error-interval", "500"], "--value-error-interval 500 is longer than --steps 200"),
 ])
 def test_bad_flags_are_refused_with_a_clear_message(tmp_path, flags, message):
     proc = run_script(*TINY, *flags, "--out", str(tmp_path / "tab"))
