@@ -770,10 +770,10 @@ def claims_report(rows: list) -> list:
         over = [r["overestimation_decrease_pct"] for r in pair if r["overestimation_decrease_pct"] is not None]
         summary = []
         if gaps:
-            summary.append(f"relative action gap larger on {sum(g > 0 for g in gaps)} of {count(len(gaps), 'game')} (median increase "
+            summary.append(f"relative action gap larger on {sum(g > 0 for g in gaps)} of {len(gaps)} games (median increase "
                            f"{np.median(gaps):.4g})")
         if over:
-            summary.append(f"overestimation smaller on {sum(o > 0 for o in over)} of {count(len(over), 'game')} (median decrease "
+            summary.append(f"overestimation smaller on {sum(o > 0 for o in over)} of {len(over)} games (median decrease "
                            f"{np.median(over):.3g}%)")
         cells = [{"game": r["game"], "gap, variant": significant(r["variant_relative_action_gap"]),
                   "gap, baseline": significant(r["baseline_relative_action_gap"]),
