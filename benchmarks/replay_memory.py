@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dqn_atari_meanexp import ReplayBuffer  # noqa: E402
+from dqn_meanexp_sweep import machine  # noqa: E402  (the CPU's model for the result)
 from longrun import atomic_save  # noqa: E402
 
 
@@ -46,6 +47,7 @@ if __name__ == "__main__":
     for _ in range(100):
         rb.sample(32)
     result = {
+        "machine": machine(),
         "buffer_size": args.buffer_size,
         "num_envs": args.num_envs,
         "bytes_needed": ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs),
