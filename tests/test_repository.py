@@ -30,6 +30,21 @@ def test_requirements_pin_the_cpu_installable_torch():
     assert all("==" in line for line in lines if line)  # every dependency pinned
 
 
+def test_the_readme_first_command_shows_a_result_in_seconds(tmp_path):
+    """Issue 34: the README's first command was the 50M-step Breakout run. Its first code line is now a small tabular
+    sweep that prints the layer's gain over k = 0 and writes its figures, run here as a user would from a fresh folder."""
+    readme = read("README.md")
+    first = next(line[4:] for line in readme.splitlines() if line.startswith("    python "))
+    assert readme.index(first) < readme.index("python dqn_atari_meanexp.py --env-id ALE/Breakout-v5")
+    prefix = "python -m pip install -r requirements.txt && "
+    assert first.startswith(prefix + "python tabular_meanexp.py "), first
+    argv = first[len(prefix):].split()[1:]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "% over k = 0" in proc.stdout and (tmp_path / "runs" / "tabular" / "episodes_increase.png").exists()
+
+
 @pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
 def test_every_benchmark_script_imports_and_answers_help(script):
     """A benchmark whose imports broke (as replay_memory.py's once did, for months) fails here, not on its next use."""
