@@ -703,7 +703,7 @@ def crossed(before: int, after: int, interval: int) -> int:
 class LoopState:
     """Everything the training loop carries from one step to the next: a checkpoint saves it, a resume restores it."""
 
-    obs: np.ndarray  # the envs' current observations (num_envs, 4, 84, 84)
+    obs: np.ndarray  # the envs' current observations (num_envs, *one observation's shape)
     resetting: np.ndarray  # envs whose next step() is an autoreset, not a transition
     sums: torch.Tensor  # loss, Q, action gap summed on the device between log points
     bad_step: torch.Tensor  # the first step whose loss or Q was not finite (-1: none), read at log points

@@ -43,9 +43,11 @@ RESUME_MAY_CHANGE = ("total_timesteps", "checkpoint_interval", "checkpoint_buffe
 
 
 def range_errors(args, positive=(), non_negative=(), probabilities=()) -> list:
-    """One message per flag, of those named, outside its range: > 0, >= 0, or in [0, 1]."""
+    """One message per flag, of those named, outside its range: finite and > 0, finite and >= 0, or in [0, 1]."""
     flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
-    return ([f"{flag(n)} must be > 0 (got {getattr(args, n)})" for n in positive if not getattr(args, n) > 0] +
+    return ([f"{flag(n)} must be a finite number (got {getattr(args, n)})" for n in [*positive, *non_negative]
+             if getattr(args, n) in (float("inf"), float("-inf"))] +  # inf passes the ranges below, NaN fails them
+            [f"{flag(n)} must be > 0 (got {getattr(args, n)})" for n in positive if not getattr(args, n) > 0] +
             [f"{flag(n)} must be >= 0 (got {getattr(args, n)})" for n in non_negative if not getattr(args, n) >= 0] +
             [f"{flag(n)} must be in [0, 1] (got {getattr(args, n)})" for n in probabilities
              if not 0.0 <= getattr(args, n) <= 1.0])
@@ -505,10 +507,11 @@ class Progress:
         if now - self.marks[-1][0] < self.interval and step < total:
             return None
         self.marks.append((now, step))
-        (then, step_then), elapsed = self.marks[0], now - self.start_time
+        learning = [mark for mark in self.marks if mark[1] >= learning_starts]  # the fast steps before learning left out
+        (then, step_then), elapsed = learning[0] if len(learning) > 1 else self.marks[0], now - self.start_time
         rate = (step - step_then) / max(now - then, 1e-9)
         eta = format_duration((total - step) / rate) if rate > 0 else "n/a"
-        if step_then < learning_starts < total:  # the window still holds the fast steps before learning
+        if step_then < learning_starts < total:  # no two lines since learning started yet
             eta = f"not known yet (learning starts at step {learning_starts:,})"
         if step >= total:
             eta = "none: training is done"
@@ -668,7 +671,9 @@ class SnapshotEnv(gym.Wrapper):
             own = {name: value for name, value in vars(env).items() if name != "env" and not callable(value)}
             layers.append({} if isinstance(env, gym.wrappers.RecordVideo) else own)  # a clip being recorded is not resumed
             env = env.env
-        game = env.clone_state(include_rng=True)  # the emulator, with its RNG
+        # an emulator (ALE) is cloned with its RNG; a game that is plain Python objects (MinAtar) is pickled whole
+        game = env.clone_state(include_rng=True) if hasattr(env, "clone_state") else {
+            name: value for name, value in vars(env).items() if not callable(value)}
         return pickle.dumps((layers, game, env.np_random.bit_generator.state, env.action_space.np_random.bit_generator.state))
 
     @snapshot.setter
@@ -678,7 +683,10 @@ class SnapshotEnv(gym.Wrapper):
         for layer in layers:
             vars(env).update(layer)
             env = env.env
-        env.restore_state(game)
+        if isinstance(game, dict):
+            vars(env).update(game)
+        else:
+            env.restore_state(game)
         env.np_random.bit_generator.state = np_random  # the no-op starts draw from it
         env.action_space.np_random.bit_generator.state = action_space_random
 

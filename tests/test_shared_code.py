@@ -93,3 +93,34 @@ def test_args_share_every_flag_and_its_documentation():
             assert a[name] != b[name], f"{name} is the same in both scripts: take it out of ARGS_DIFFERENCES"
         else:
             assert a[name] == b[name], name  # same type, default and text
+
+
+# dqn_minatar_meanexp.py is dqn_atari_meanexp.py on another environment: these of its definitions differ (the game, its
+# frame, its network and protocol); every other one both define must be the Atari script's, word for word
+MINATAR_OWN = {"Args", "pfrl_init", "QNetwork", "make_network", "default_me_coef", "make_env", "one_frame", "game_frame",
+               "Batch", "td_loss", "make_optimizer", "check_args", "algo_errors", "main", "run_settings", "GAMES",
+               "MINATAR_INSTALLED"}
+# ...and these the Atari script's but for the lines named (the frame's shape; a stack of one frame)
+MINATAR_LINES = {
+    "ReplayBuffer": {"    STACK = 4":
+                     "    STACK = 1  # MinAtar: an observation is one frame (all its channels); the Atari script stacks 4"},
+}
+
+
+def test_the_minatar_script_is_the_dqn_atari_script_but_for_its_environment_and_network():
+    dqn_lines, _, dqn = parse("dqn_atari_meanexp.py")
+    mz_lines, _, mz = parse("dqn_minatar_meanexp.py")
+    assert (SHARED - {"make_env", "FireAfterLifeLoss", "make_eval_env"}) <= mz.keys() | MINATAR_OWN
+    assert "make_eval_env" in mz
+    for name in sorted(mz.keys() - MINATAR_OWN):
+        assert name in dqn, f"{name} is the MinAtar script's own: list it in MINATAR_OWN"
+        a = dqn_lines[dqn[name].lineno - 1: dqn[name].end_lineno]
+        b = mz_lines[mz[name].lineno - 1: mz[name].end_lineno]
+        a = [MINATAR_LINES.get(name, {}).get(line, line) for line in a]
+        assert a == b, f"{name} differs between dqn_atari_meanexp.py and dqn_minatar_meanexp.py:\n" + "\n".join(
+            difflib.unified_diff(a, b, lineterm=""))
+    main = "\n".join(mz_lines[mz["main"].lineno - 1: mz["main"].end_lineno])
+    atari_main = "\n".join(dqn_lines[dqn["main"].lineno - 1: dqn["main"].end_lineno])
+    # main differs by the frame's shape and the minimal-action-set warning only
+    changed = [line for line in difflib.ndiff(atari_main.splitlines(), main.splitlines()) if line[:1] in "+-"]
+    assert len([line for line in changed if line.startswith("- ")]) == 2, "\n".join(changed)

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = {"dqn_atari_meanexp.py": ("QNetwork", "DuelingNetwork"), "iqn_atari_meanexp.py": ("IQNNetwork",)}
+SCRIPTS = {"dqn_atari_meanexp.py": ("QNetwork", "DuelingNetwork"), "iqn_atari_meanexp.py": ("IQNNetwork",),
+           "dqn_minatar_meanexp.py": ("QNetwork",)}
 # the section headers, in order, and the words of the docstring's "How to read" paragraph that name each
 SECTIONS = [("# The mean-expansion head and the networks", "the mean-expansion head"),
             ("# Environment:", "the environment"), ("# Replay buffer:", "the replay buffer"),
@@ -80,7 +81,7 @@ def test_the_machinery_module_defines_the_machinery_and_imports_nothing_of_the_e
     assert set(MACHINERY) <= defined
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    experiment = {"dqn_atari_meanexp", "iqn_atari_meanexp", "stable_baselines3", "torch.nn", "torch.nn.functional",
+    experiment = {"dqn_atari_meanexp", "iqn_atari_meanexp", "dqn_minatar_meanexp", "minatar", "stable_baselines3", "torch.nn", "torch.nn.functional",
                   "torch.optim"}  # the networks, loss, optimizer, buffer and env wrappers live in the scripts
     assert not {name for name in imported if name.split(".")[0] in experiment or name in experiment}, imported
     docstring = " ".join(ast.get_docstring(tree).split())

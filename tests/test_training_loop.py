@@ -56,8 +56,9 @@ def test_the_eta_uses_the_recent_rate_not_the_whole_runs_average():
     assert line_of(progress, state, now + 1) is not None  # the end of training always gets a line
 
 
-def test_the_eta_waits_until_the_recent_window_holds_learning_steps_only():
-    """Steps before learning starts run several times faster: an ETA from them would promise hours for days."""
+def test_the_eta_counts_only_the_steps_since_learning_started():
+    """Steps before learning starts run several times faster: an ETA from them would promise hours for days. (It used to
+    wait until the whole window was past learning_starts: minutes of "not known yet" on a run that learns from step 1,000.)"""
     args = dqn.Args(total_timesteps=1_000_000, progress_interval=30)
     progress = longrun.Progress(args.total_timesteps, args.progress_interval, step=0, now=0.0, window=3)
     state = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(50_000, 0))
@@ -65,7 +66,9 @@ def test_the_eta_waits_until_the_recent_window_holds_learning_steps_only():
     for i, step in enumerate((20_000, 40_000, 50_500, 51_000, 51_500, 52_000)):
         state.global_step = step
         lines.append(line_of(progress, state, 30.0 * (i + 1)))
-    assert all("ETA not known yet (learning starts at step 50,000)" in line for line in lines[:5]), lines
+    assert all("ETA not known yet (learning starts at step 50,000)" in line for line in lines[:3]), lines
+    # from the second line after learning started, the rate is theirs alone (the lines before it are left out)
+    assert f"ETA {longrun.format_duration((1_000_000 - 51_000) / (500 / 30))}" in lines[3], lines[3]
     rate = (52_000 - 50_500) / 90  # the window: the lines at 50,500 (90 s earlier) to 52,000
     assert f"ETA {longrun.format_duration((1_000_000 - 52_000) / rate)}" in lines[5], lines[5]
     state.global_step = 1_000_000  # a run shorter than the window: it never said learning had started (issue 34)

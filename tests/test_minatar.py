@@ -1,0 +1,177 @@
+"""dqn_minatar_meanexp.py: MinAtar's games as the script sees them, its network and protocol, a tiny run, exact resume, and
+the refusals. What it shares with the Atari scripts is guarded word for word in test_shared_code.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dqn_minatar_meanexp as mz
+import longrun
+from conftest import ROOT
+from test_resume import interrupt, load_model, scalars
+
+SCRIPT = os.path.join(ROOT, "dqn_minatar_meanexp.py")
+TINY = ["--total-timesteps", "1500", "--learning-starts", "200", "--buffer-size", "1000", "--batch-size", "8",
+        "--eval-interval", "500", "--eval-steps", "200", "--final-eval-episodes", "2", "--log-interval", "100",
+        "--target-network-frequency", "100", "--no-cuda"]
+CHANNELS = {"Asterix": 4, "Breakout": 4, "Freeway": 7, "Seaquest": 10, "SpaceInvaders": 6}  # MinAtar's kinds of object
+
+
+def run(cwd, *flags, code=0):
+    proc = subprocess.run([sys.executable, SCRIPT, *flags], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("game", mz.GAMES)
+def test_every_game_is_one_frame_of_its_channels_with_the_full_action_set_by_default(game):
+    args = mz.Args(env_id=f"MinAtar/{game}-v1")
+    assert mz.game_frame(args) == (CHANNELS[game], 10, 10) and mz.game_actions(args) == 6
+    env = mz.make_env(args, seed=3)()
+    obs, _ = env.reset(seed=3)
+    assert obs.shape == (1, CHANNELS[game], 10, 10) and obs.dtype == np.uint8 and set(np.unique(obs)) <= {0, 1}
+    raw = env.unwrapped.game.state()  # (10, 10, C) bool: channel c of the frame is MinAtar's channel c
+    assert np.array_equal(obs[0], raw.transpose(2, 0, 1))
+    minimal = mz.game_actions(mz.Args(env_id=f"MinAtar/{game}-v1", full_action_space=False))
+    assert minimal == len(env.unwrapped.game.minimal_action_set()) <= 6  # Seaquest needs all 6
+
+
+def test_the_network_is_minatars_with_pfrl_init_and_the_head_last():
+    torch.manual_seed(0)
+    net = mz.QNetwork(n_actions=6, me_coef=6.0, channels=7)
+    conv, linear, out = net.network[0], net.network[3], net.network[5]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (7, 16, (3, 3), (1, 1))
+    assert (linear.in_features, linear.out_features, out.in_features, out.out_features) == (1024, 128, 128, 6)
+    assert all(float(layer.bias.detach().abs().max()) == 0.0 for layer in (conv, linear, out))
+    assert abs(float(linear.weight.std()) - 1024**-0.5) < 0.05 * 1024**-0.5  # LeCun normal: std 1/sqrt(fan_in)
+    x = torch.randint(0, 2, (5, 1, 7, 10, 10), dtype=torch.uint8)
+    u = net.network(x.flatten(1, 2).float())
+    assert torch.equal(net(x), u + 6.0 * u.mean(dim=1, keepdim=True))  # the head: Q = u + k mean u
+
+
+def test_the_defaults_are_revisiting_rainbows_dqn_with_the_papers_loss():
+    args = mz.Args()
+    assert (args.env_id, args.full_action_space, args.sticky_action_prob, args.difficulty_ramping) == (
+        "MinAtar/Breakout-v1", True, 0.1, True)
+    assert (args.learning_rate, args.optimizer_eps, args.batch_size, args.buffer_size, args.gamma) == (
+        2.5e-4, 3.125e-4, 32, 100_000, 0.99)
+    assert (args.train_frequency, args.target_network_frequency, args.learning_starts) == (4, 1_000, 1_000)
+    assert (args.start_e, args.end_e, args.exploration_steps, args.eval_epsilon) == (1.0, 0.01, 250_000, 0.001)
+    assert (args.total_timesteps, args.loss, args.me_coef) == (10_000_000, "sse", None)
+    assert mz.default_me_coef(args, 6) == 6.0
+
+
+def test_repeated_updates_on_one_batch_fit_it():
+    """The loss, the head and Adam learn: 300 updates on one batch of 32 transitions cut its TD loss tenfold."""
+    torch.manual_seed(0)
+    args = mz.Args()
+    net = mz.QNetwork(6, 6.0, channels=4)
+    target = mz.QNetwork(6, 6.0, channels=4)
+    target.load_state_dict(net.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batch = mz.Batch(obs=torch.randint(0, 2, (32, 1, 4, 10, 10), generator=g, dtype=torch.uint8),
+                     actions=torch.randint(0, 6, (32,), generator=g), rewards=torch.randint(0, 2, (32,), generator=g).float(),
+                     next_obs=torch.randint(0, 2, (32, 1, 4, 10, 10), generator=g, dtype=torch.uint8),
+                     terminated=torch.ones(32), truncated=torch.zeros(32))  # terminal: the targets are the rewards
+    optimizer = mz.make_optimizer(args, net)
+    first = float(mz.update(net, target, optimizer, batch, args)[0])
+    for _ in range(300):
+        last = float(mz.update(net, target, optimizer, batch, args)[0])
+    assert last < first / 10, (first, last)
+
+
+def test_a_tiny_run_trains_evaluates_records_the_claim_statistics_and_writes_its_run(tmp_path):
+    run(tmp_path, *TINY, "--env-id", "MinAtar/Freeway-v1", "--run-name", "tiny", "--save-model")
+    config = json.loads((tmp_path / "runs/tiny/config.json").read_text())
+    assert (config["n_actions"], config["me_coef"], config["me_coef_default"]) == (6, 6.0, True)
+    assert config["frame_shape"] == [7, 10, 10]
+    final = json.loads((tmp_path / "runs/tiny/final_eval.json").read_text())
+    assert final["episodes"] == 2 and final["total_steps"] == 1500 and final["network"].startswith("best periodic")
+    logs = scalars(tmp_path / "runs/tiny")
+    assert [s for s, _ in logs["eval/episodic_return"]] == [500, 1000, 1500]
+    assert [s for s, _ in logs["claims/relative_action_gap"]] == [500, 1000, 1500]  # syncs at 100, 200, ...: each has some
+    assert all(np.isfinite(v) for _, v in logs["losses/td_loss"])
+    assert (tmp_path / "runs/tiny/dqn_minatar_meanexp_best.cleanrl_model").exists()
+
+
+def test_a_stopped_then_resumed_run_equals_an_uninterrupted_run(tmp_path):
+    flags = [*TINY, "--env-id", "MinAtar/Seaquest-v1", "--save-model", "--progress-interval", "0.001"]
+    run(tmp_path, *flags, "--run-name", "straight")
+    proc = subprocess.Popen([sys.executable, "-u", SCRIPT, *flags, "--run-name", "cut"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = interrupt(proc, at_step=600, sig=signal.SIGTERM)
+    assert proc.returncode == longrun.EXIT_REQUEUE, output
+    resumed = run(tmp_path, "--resume", "runs/cut")
+    assert "resumed runs/cut at step" in resumed.stdout
+    a, b = (load_model(tmp_path / f"runs/{r}/dqn_minatar_meanexp.cleanrl_model") for r in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs_a, logs_b = scalars(tmp_path / "runs/straight"), scalars(tmp_path / "runs/cut")
+    for tag in ("losses/td_loss", "charts/episodic_return", "eval/episodic_return", "claims/relative_action_gap"):
+        assert logs_a[tag] == logs_b[tag], tag
+    final_a, final_b = (json.loads((tmp_path / f"runs/{r}/final_eval.json").read_text()) for r in ("straight", "cut"))
+    assert final_a["scores"] == final_b["scores"] and final_a["overestimation"] == final_b["overestimation"]
+
+
+def test_the_snapshot_of_a_minatar_env_replays_the_same_game():
+    env = mz.make_env(mz.Args(env_id="MinAtar/Asterix-v1"), seed=5)()
+    env.reset(seed=5)
+    for action in [1, 2, 3] * 5:
+        env.step(action)
+    saved = env.snapshot
+    rng = np.random.default_rng(0)
+    actions = rng.integers(6, size=200)
+
+    def play():
+        seen = []
+        for action in actions:
+            obs, reward, terminated, truncated, _ = env.step(int(action))
+            seen.append((obs.tobytes(), reward, terminated))
+            if terminated or truncated:
+                env.reset()
+        return seen
+
+    first = play()
+    env.snapshot = saved
+    assert play() == first
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--env-id", "MinAtar/Pong-v1"], "is not a MinAtar game; use one of MinAtar/Asterix-v1, MinAtar/Breakout-v1, "
+     "MinAtar/Freeway-v1, MinAtar/Seaquest-v1, MinAtar/SpaceInvaders-v1"),
+    (["--env-id", "ALE/Breakout-v5"], "is not a MinAtar game"),
+    (["--learning-rate", "nan"], "--learning-rate must be"),
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+    (["--me-coef", "inf"], "--me-coef must be a finite number >= 0"),
+    (["--sticky-action-prob", "1.0"], "--sticky-action-prob must be in [0, 1)"),
+])
+def test_bad_flags_are_refused_with_exit_2_before_anything_is_written(tmp_path, flags, message):
+    proc = run(tmp_path, *TINY, *flags, code=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_without_minatar_the_error_gives_the_install_command(monkeypatch):
+    monkeypatch.setattr(mz, "MINATAR_INSTALLED", False)
+    errors = mz.check_args(mz.Args())
+    assert "MinAtar is not installed: python -m pip install -r requirements.txt (it pins minatar)" in errors
+
+
+def test_a_minimal_action_set_with_the_default_k_warns_that_k_is_not_the_full_sets(tmp_path):
+    proc = run(tmp_path, *TINY, "--total-timesteps", "300", "--eval-interval", "0", "--no-full-action-space",
+               "--run-name", "minimal")
+    assert "k defaults to this game's |A| = 3, not to the full set's 6" in proc.stderr
+    assert json.loads((tmp_path / "runs/minimal/config.json").read_text())["me_coef"] == 3.0
+    quiet = run(tmp_path, *TINY, "--total-timesteps", "300", "--eval-interval", "0", "--no-full-action-space",
+                "--me-coef", "6", "--run-name", "chosen")
+    assert "k defaults" not in quiet.stderr
+
+
+def test_the_registered_ids_are_minatars_own():
+    assert all(f"MinAtar/{game}-v1" in gym.registry for game in mz.GAMES)
