@@ -24,6 +24,7 @@ files, signals, memory, disk, progress, --track) is longrun.py beside it: a libr
 import atexit
 import copy
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -201,7 +202,7 @@ class QNetwork(nn.Module):
 
 def make_network(args: Args, n_actions: int, me_coef: float) -> nn.Module:
     """Builds the network the run trains, for the game's number of channels."""
-    return QNetwork(n_actions, me_coef, channels=game_frame(args)[0])
+    return QNetwork(n_actions, me_coef, channels=game_frame(args.env_id)[0])
 
 
 def default_me_coef(args: Args, n_actions: int) -> float:
@@ -241,9 +242,10 @@ def one_frame(obs: np.ndarray) -> np.ndarray:
     return obs.transpose(2, 0, 1)[None].astype(np.uint8)
 
 
-def game_frame(args: Args) -> tuple:
-    """The shape of one stored frame, (C, 10, 10), of the game of --env-id (C: its kinds of object)."""
-    height, width, channels = minatar.Environment(gym.spec(args.env_id).kwargs["game"]).state_shape()
+@functools.cache  # the network, the buffer and config.json each need it: the game is built once
+def game_frame(env_id: str) -> tuple:
+    """The shape of one stored frame, (C, 10, 10), of a MinAtar game (C: its kinds of object)."""
+    height, width, channels = minatar.Environment(gym.spec(env_id).kwargs["game"]).state_shape()
     return channels, height, width
 
 
@@ -748,7 +750,7 @@ def main(args: Args):
     # a checkpoint (save_checkpoint) holds the online and target networks, the optimizer's two running averages and the
     # best network so far, the envs and the generators; and the replay buffer with --checkpoint-buffer
     weights = sum(t.numel() * t.element_size() for t in make_network(args, n_actions, me_coef).state_dict().values())
-    replay_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, game_frame(args))
+    replay_bytes = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, game_frame(args.env_id))
     run = longrun.start_run(args, ALGO, run_name, run_settings(args, run_name, n_actions, me_coef, device), replay_bytes,
                             checkpoint_bytes=5 * weights + longrun.CHECKPOINT_EXTRA_BYTES)  # memory, disk, run directory
     if run is None:
@@ -758,7 +760,7 @@ def main(args: Args):
     torch.manual_seed(args.seed)  # the network's initial weights
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rb = ReplayBuffer(args.buffer_size, args.num_envs, device, seed=args.seed,
-                      frame_shape=game_frame(args))  # its pages are written now
+                      frame_shape=game_frame(args.env_id))  # its pages are written now
     run.memory_taken()  # so the memory check of a run starting next on this machine counts them
     q_network = make_network(args, n_actions, me_coef).to(device)
     target_network = copy.deepcopy(q_network)
@@ -795,8 +797,8 @@ def run_settings(args: Args, run_name: str, n_actions: int, me_coef: float, devi
     # a resumed run's Args hold its k as a number: whether k was |A| by default is the run's first record
     k_default = args.me_coef is None if args.resume is None else longrun.read_config(args.resume)["me_coef_default"]
     return {**dataclasses.asdict(args), **FIXED_SETTINGS, "algo": ALGO, "run_name": run_name, "me_coef": me_coef,
-            "me_coef_default": k_default, "n_actions": n_actions, "frame_shape": list(game_frame(args)),
-            "replay_bytes": ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, game_frame(args)),
+            "me_coef_default": k_default, "n_actions": n_actions, "frame_shape": list(game_frame(args.env_id)),
+            "replay_bytes": ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs, game_frame(args.env_id)),
             "device": str(device), "versions": {"torch": torch.__version__, "gymnasium": gym.__version__,
                                                 "minatar": importlib.metadata.version("minatar"), "numpy": np.__version__}}
 

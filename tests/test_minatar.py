@@ -33,7 +33,7 @@ def run(cwd, *flags, code=0):
 @pytest.mark.parametrize("game", mz.GAMES)
 def test_every_game_is_one_frame_of_its_channels_with_the_full_action_set_by_default(game):
     args = mz.Args(env_id=f"MinAtar/{game}-v1")
-    assert mz.game_frame(args) == (CHANNELS[game], 10, 10) and mz.game_actions(args) == 6
+    assert mz.game_frame(args.env_id) == (CHANNELS[game], 10, 10) and mz.game_actions(args) == 6
     env = mz.make_env(args, seed=3)()
     obs, _ = env.reset(seed=3)
     assert obs.shape == (1, CHANNELS[game], 10, 10) and obs.dtype == np.uint8 and set(np.unique(obs)) <= {0, 1}
