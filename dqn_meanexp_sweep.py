@@ -23,7 +23,6 @@ import glob
 import json
 import multiprocessing
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import torch
 
 import dqn_meanexp
 import longrun  # the lock that keeps one sweep per --out folder
+from longrun import machine  # the CPU model a part's record names
 
 AUTHORS_KS = (0, 1, 4, 16, 32, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # plot_lunar_lander.py's
 CURVE_KS = (0, 16, 32, 256, 2048, 8192, 16384, 32768)  # the k whose score curves its figure draws (params_to_plot)
@@ -318,17 +318,6 @@ def train_members(args: SweepArgs, members: list, parent: int) -> dict:
     updates = max(0, a.total_timesteps // a.train_frequency - (max(a.learning_starts, 1) - 1) // a.train_frequency)
     return {"members": len(members), "updates_per_member": updates, "seconds": time.perf_counter() - started,
             "phases": clock, "obs_size": pop.obs_size, "n_actions": pop.n_actions}
-
-
-def machine() -> str:
-    """The CPU's model and cores, for a part's record: results equal to the bit hold per CPU model (an AMD EPYC with
-    AVX-512 rounds the batched products otherwise than the Intel Xeons that made the committed sweep)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# run_all.sh: plans and launches the paper's comparison (Atari games x DQN/IQN x k values x seeds),
-# on this machine across its GPUs, or on a SLURM cluster as one job array. ./run_all.sh --help
+# run_all.sh: plans and launches the paper's comparison (Atari games x DQN/IQN x k values x seeds), or DQN's on the
+# five MinAtar games, on this machine across its GPUs or cores, or on a SLURM cluster as one job array. ./run_all.sh --help
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 GAMES_CSV="$HERE/atari57.csv"
+MINATAR_CSV="$HERE/minatar5.csv"  # the five MinAtar games: dqn_minatar_meanexp.py runs them
 EXIT_REQUEUE=75    # the scripts' exit code after a checkpoint on SIGTERM/SIGUSR1: resume, do not count as failed
 EXIT_INTERRUPTED=130  # the same after Ctrl-C (a run started by hand; run_all.sh itself sends SIGTERM)
 EXIT_NON_FINITE=3  # the scripts' exit code when a run diverged: failed, and named so in the summary
@@ -20,16 +21,20 @@ Plans one run per game x variant x seed and launches them. Runs go to ./runs/NAM
 (NAME = GAME__VARIANT__sSEED); a run already finished is skipped, one that was stopped is
 resumed from its checkpoint. Batch files (plans, logs, sbatch scripts) go to ./runs/_batch/.
 With no options: the paper's comparison, 57 games x {dqn, ib_dqn, iqn, ib_iqn} x seeds 1-3.
+With --games minatar: DQN's on MinAtar (dqn_minatar_meanexp.py), 5 games x {dqn, ib_dqn} (k = 0, k = |A| = 6) x seeds 1-3,
+all the cores busy (docs/minatar.md).
 
 What to run:
-  --variants LIST       the paper's rows by name, comma-separated, or all (default: dqn,ib_dqn,iqn,ib_iqn):
+  --variants LIST       the paper's rows by name, comma-separated, or all (default: dqn,ib_dqn,iqn,ib_iqn; MinAtar's
+                        games alone: dqn,ib_dqn; MinAtar runs dqn, ib_dqn, ib_dqn1 and the k of --algos dqn):
 $(for v in "${PAPER_VARIANTS[@]}"; do printf '                          %-22s %s\n' "$v" "${VARIANT_ROW[$v]}"; done)
   --algos LIST          instead of --variants: dqn, iqn or both, each with every k of --k
   --k LIST              with --algos: numbers >= 0, or default (= |A|) (default: 0,default); variants are named
                         ALGO (k = 0), ib_ALGO (default), ib_dqn1 (dqn, k = 1) and ib_ALGO_kK (any other k)
   --games LIST          game names as in atari57.csv (breakout,ms_pacman,...), the sets atari5 and atari11
                         (the authors' plotting subsets), k_sensitivity (name_this_game, demon_attack,
-                        star_gunner: the games of the authors' k figure), or all (default: all)
+                        star_gunner: the games of the authors' k figure), or all (default: all); MinAtar's
+                        games as in minatar5.csv (minatar_breakout, ...) or the set minatar (all five)
   --games-file FILE     game names or sets, one per line (# starts a comment), instead of --games
   --seeds LIST          numbers and ranges: 1-3 (default), 1,4,7, 1-5,10
   --v4                  use the NoFrameskip-v4 ids (CleanRL's protocol: add its flags after --); surround has none
@@ -39,7 +44,8 @@ $(for v in "${PAPER_VARIANTS[@]}"; do printf '                          %-22s %s
 Local backend:
   --gpus LIST           GPU indices to use (0,1,2,3), or none for CPU (default: every GPU nvidia-smi lists, else none)
   --runs-per-gpu N      runs sharing one GPU at a time (default: 1)
-  --max-parallel P      at most P runs at a time (default: GPUs x runs-per-gpu, or 1 on CPU)
+  --max-parallel P      at most P runs at a time (default: GPUs x runs-per-gpu; on CPU 1, or one per core for a plan of
+                        MinAtar runs alone: 0.5 GB each)
 
 SLURM backend (one array task per run; a task stopped by a time limit or preemption is requeued and resumes):
   --partition P         partition (default: the cluster's default)
@@ -72,7 +78,8 @@ declare -A VARIANT_ROW=([dqn]="DQN (Adam, sse)" [ib_dqn]="IB-DQN(k), k = |A|" [i
 # (plotting/plot_hypers_perf.py; with --algos dqn --k 0,1,32,64,128,256,512,1024 it is their whole sweep)
 declare -A GAME_SETS=([atari5]="battle_zone double_dunk name_this_game phoenix qbert"
                       [atari11]="battle_zone double_dunk name_this_game phoenix qbert alien asterix seaquest space_invaders wizard_of_wor zaxxon"
-                      [k_sensitivity]="name_this_game demon_attack star_gunner")
+                      [k_sensitivity]="name_this_game demon_attack star_gunner"
+                      [minatar]="minatar_asterix minatar_breakout minatar_freeway minatar_seaquest minatar_space_invaders")
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 log() { echo "run_all.sh: $*"; }
@@ -224,9 +231,50 @@ for part in "${seed_parts[@]}"; do
 done
 [ ${#seed_list[@]} -gt 0 ] || die "--seeds is empty"
 
+# Games: names and ids from atari57.csv and minatar5.csv
+declare -A env_id=()
+all_games=()
+while IFS=, read -r game v5 v4id _; do
+  [ "$game" = game ] && continue
+  all_games+=("$game")
+  if [ "$v4" = 1 ]; then env_id[$game]=$v4id; else env_id[$game]=$v5; fi
+done <"$GAMES_CSV"
+declare -A minatar_game=()
+while IFS=, read -r game id; do
+  [ "$game" = game ] && continue
+  env_id[$game]=$id
+  minatar_game[$game]=1
+done <"$MINATAR_CSV"
+if [ -n "$games_file" ]; then
+  [ -f "$games_file" ] || die "--games-file '$games_file' does not exist"
+  mapfile -t named < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$games_file" | grep -v '^$' || true)
+  [ ${#named[@]} -gt 0 ] || die "--games-file '$games_file' names no game"
+elif [ "$games" = all ]; then
+  named=("${all_games[@]}")
+else
+  IFS=, read -ra named <<<"$games"
+fi
+game_list=()
+declare -A planned_game=()
+for g in "${named[@]}"; do  # a set stands for its games; a game named twice runs once
+  read -ra members <<<"${GAME_SETS[$g]:-$g}"
+  for m in "${members[@]}"; do
+    [ -n "${env_id[$m]+x}" ] || die "unknown game '$m' (the names of atari57.csv: ${all_games[*]:0:5} ..., or atari5, atari11, k_sensitivity; the MinAtar games of minatar5.csv: ${GAME_SETS[minatar]}, or minatar; see --help)"
+    [ -n "${env_id[$m]}" ] || die "game '$m' has no NoFrameskip-v4 id; drop it or --v4"
+    [ "$v4" = 0 ] || [ -z "${minatar_game[$m]+x}" ] || die "--v4 is an Atari protocol: MinAtar's game '$m' has no v4 id; drop it or --v4"
+    [ -n "${planned_game[$m]+x}" ] || game_list+=("$m")
+    planned_game[$m]=1
+  done
+done
+
+minatar_games=0  # how many of the planned games are MinAtar's
+for g in "${game_list[@]}"; do [ -z "${minatar_game[$g]+x}" ] || minatar_games=$((minatar_games + 1)); done
+
 # Variants: the paper's rows by name, or algorithms x k values
 variant_list=()
-if [ -n "$variants" ]; then
+if [ -z "$variants$algos$ks" ] && [ "$minatar_games" = "${#game_list[@]}" ]; then
+  variant_list=(dqn ib_dqn)  # MinAtar's games alone: DQN at k = 0 and k = |A| (docs/minatar.md)
+elif [ -n "$variants" ]; then
   [ -z "$algos$ks" ] || die "--variants and --algos/--k both choose what to run: give one of them"
   [ "$variants" != all ] || variants=$(IFS=,; echo "${PAPER_VARIANTS[*]}")
   IFS=, read -ra variant_list <<<"$variants"
@@ -255,35 +303,15 @@ else
     done
   done
 fi
-
-# Games: names and ids from atari57.csv
-declare -A env_id=()
-all_games=()
-while IFS=, read -r game v5 v4id _; do
-  [ "$game" = game ] && continue
-  all_games+=("$game")
-  if [ "$v4" = 1 ]; then env_id[$game]=$v4id; else env_id[$game]=$v5; fi
-done <"$GAMES_CSV"
-if [ -n "$games_file" ]; then
-  [ -f "$games_file" ] || die "--games-file '$games_file' does not exist"
-  mapfile -t named < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$games_file" | grep -v '^$' || true)
-  [ ${#named[@]} -gt 0 ] || die "--games-file '$games_file' names no game"
-elif [ "$games" = all ]; then
-  named=("${all_games[@]}")
-else
-  IFS=, read -ra named <<<"$games"
-fi
-game_list=()
-declare -A planned_game=()
-for g in "${named[@]}"; do  # a set stands for its games; a game named twice runs once
-  read -ra members <<<"${GAME_SETS[$g]:-$g}"
-  for m in "${members[@]}"; do
-    [ -n "${env_id[$m]+x}" ] || die "unknown game '$m' (the names of atari57.csv: ${all_games[*]:0:5} ..., or atari5, atari11, k_sensitivity; see --help)"
-    [ -n "${env_id[$m]}" ] || die "game '$m' has no NoFrameskip-v4 id; drop it or --v4"
-    [ -n "${planned_game[$m]+x}" ] || game_list+=("$m")
-    planned_game[$m]=1
+if [ "$minatar_games" -gt 0 ]; then  # dqn_minatar_meanexp.py is DQN with the paper's loss and optimizer: k is its one choice
+  for v in "${variant_list[@]}"; do
+    [ "${VARIANT_SCRIPT[$v]}" = dqn ] && [[ -z ${VARIANT_FLAGS[$v]} || ${VARIANT_FLAGS[$v]} =~ ^--me-coef\ [0-9.]+$ ]] \
+      || die "variant '$v' has no MinAtar run: on MinAtar's games run dqn, ib_dqn, ib_dqn1, or --algos dqn with --k"
   done
-done
+fi
+script_of() {  # script_of GAME VARIANT: the script that runs it
+  if [ -n "${minatar_game[$1]+x}" ]; then echo dqn_minatar_meanexp.py; else echo "${VARIANT_SCRIPT[$2]}_atari_meanexp.py"; fi
+}
 
 # ---------------------------------------------------------------------------
 # The plan: one line per run
@@ -305,7 +333,7 @@ for game in "${game_list[@]}"; do
       [ "$v4" = 0 ] || name+="__v4"  # another protocol: never skipped or resumed as the v5 run of the same name
       flags=(--env-id "${env_id[$game]}" --seed "$seed" "${variant_flags[@]+"${variant_flags[@]}"}")
       flags+=("${extra[@]+"${extra[@]}"}" --run-name "$name")
-      plan_lines+=("$name"$'\t'"${VARIANT_SCRIPT[$variant]}_atari_meanexp.py"$'\t'"$(printf '%q ' "${flags[@]}")")
+      plan_lines+=("$name"$'\t'"$(script_of "$game" "$variant")"$'\t'"$(printf '%q ' "${flags[@]}")")
     done
   done
 done
@@ -320,10 +348,16 @@ for flag in "${extra[@]+"${extra[@]}"}"; do
   esac
 done
 check=()
-for variant in "${variant_list[@]}"; do
-  read -ra variant_flags <<<"${VARIANT_FLAGS[$variant]}"
-  check+=("${VARIANT_SCRIPT[$variant]}" "$variant" $(( ${#variant_flags[@]} + ${#extra[@]} )))
-  check+=("${variant_flags[@]+"${variant_flags[@]}"}" "${extra[@]+"${extra[@]}"}")
+declare -A checked=()
+for game in "${game_list[@]}"; do
+  for variant in "${variant_list[@]}"; do
+    script=$(script_of "$game" "$variant")
+    [ -z "${checked[$script $variant]+x}" ] || continue  # once per script and variant
+    checked[$script $variant]=1
+    read -ra variant_flags <<<"${VARIANT_FLAGS[$variant]}"
+    check+=("${script%.py}" "$variant" $(( ${#variant_flags[@]} + ${#extra[@]} )))
+    check+=("${variant_flags[@]+"${variant_flags[@]}"}" "${extra[@]+"${extra[@]}"}")
+  done
 done
 code=0
 "$(python_cmd)" - "$HERE" "${check[@]}" <<'PY' || code=$?
@@ -331,23 +365,23 @@ import importlib, sys
 sys.path.insert(0, sys.argv[1])
 argv, bad = sys.argv[2:], False
 while argv:
-    algo, variant, n = argv[0], argv[1], int(argv[2])
+    name, variant, n = argv[0], argv[1], int(argv[2])
     flags, argv = argv[3:3 + n], argv[3 + n:]
     try:
-        script = importlib.import_module(f"{algo}_atari_meanexp")
+        script = importlib.import_module(name)
     except ImportError as error:  # not the flags' fault: say what is missing
-        print(f"error: cannot import {algo}_atari_meanexp.py with {sys.executable}: {error} "
+        print(f"error: cannot import {name}.py with {sys.executable}: {error} "
               "(pip install -r requirements.txt, or set PYTHON)", file=sys.stderr)
         sys.exit(3)
     try:
         args = script.parse_args(flags)
         errors = script.check_args(args) + importlib.import_module("longrun").check_flags(args)
     except SystemExit:  # the command line parser has printed what is wrong: once is enough
-        print(f"error: variant {variant}: {' '.join(flags)}: not a valid command line for {algo}_atari_meanexp.py (above)",
+        print(f"error: variant {variant}: {' '.join(flags)}: not a valid command line for {name}.py (above)",
               file=sys.stderr)
         sys.exit(2)
     for message in errors:
-        print(f"error: variant {variant}: {message}", file=sys.stderr)
+        print(f"error: variant {variant} ({name}.py): {message}", file=sys.stderr)
     bad |= bool(errors)
 sys.exit(2 if bad else 0)
 PY
@@ -427,6 +461,9 @@ else
   for ((r = 0; r < runs_per_gpu; r++)); do slots+=("${gpu_list[@]}"); done
 fi
 parallel=${max_parallel:-${#slots[@]}}
+if [ -z "$max_parallel" ] && [ ${#gpu_list[@]} -eq 0 ] && [ "$minatar_games" = "${#game_list[@]}" ]; then
+  parallel=$(nproc)  # MinAtar runs alone on CPU: one per core (0.5 GB each), every core busy
+fi
 for ((s = ${#slots[@]}; s < parallel; s++)); do slots+=("${slots[$((s % ${#slots[@]}))]}"); done  # share GPUs round-robin
 # PyTorch's CPU threads: the cores shared out between the runs, not every run on every core
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / parallel > 0 ? $(nproc) / parallel : 1 ))}

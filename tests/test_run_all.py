@@ -87,6 +87,28 @@ def test_dry_run_plans_the_paper_comparison(tmp_path):
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
+def test_minatar_plans_dqn_at_k_0_and_6_over_the_five_games_on_every_core(tmp_path):
+    proc = run_all(tmp_path, "--dry-run", "--games", "minatar", "--seeds", "1-5", "--", "--total-timesteps", "1500000")
+    runs = planned(proc.stdout)
+    assert "50 runs: 5 games x 2 variants (dqn ib_dqn) x 5 seeds" in proc.stderr
+    with open(os.path.join(ROOT, "minatar5.csv")) as f:
+        ids = {row["game"]: row["env_id"] for row in csv.DictReader(f)}
+    assert ids == {f"minatar_{g.lower() if g != 'SpaceInvaders' else 'space_invaders'}": f"MinAtar/{g}-v1"
+                   for g in ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")}
+    assert {(script, f["--env-id"], f.get("--me-coef", "default"), f["--seed"], f["--total-timesteps"]) for script, f in runs} == {
+        ("dqn_minatar_meanexp.py", e, k, str(s), "1500000") for e in ids.values() for k in ("0", "default") for s in range(1, 6)}
+    assert {f["--run-name"] for _, f in runs if f["--seed"] == "2" and "Breakout" in f["--env-id"]} == {
+        "minatar_breakout__dqn__s2", "minatar_breakout__ib_dqn__s2"}  # never the name of an Atari breakout run
+    k1 = planned(run_all(tmp_path, "--dry-run", "--games", "minatar_seaquest", "--variants", "ib_dqn1", "--seeds", "3").stdout)
+    assert k1 == [("dqn_minatar_meanexp.py", {"--env-id": "MinAtar/Seaquest-v1", "--seed": "3", "--me-coef": "1",
+                                               "--run-name": "minatar_seaquest__ib_dqn1__s3"})]
+    both = planned(run_all(tmp_path, "--dry-run", "--games", "minatar_asterix,asterix", "--variants", "dqn",
+                           "--seeds", "1").stdout)
+    assert [(s, f["--env-id"]) for s, f in both] == [("dqn_minatar_meanexp.py", "MinAtar/Asterix-v1"),
+                                                     ("dqn_atari_meanexp.py", "ALE/Asterix-v5")]
+    assert not (tmp_path / "runs").exists()
+
+
 PAPER_ROWS = {  # variant: (script, the flags that make it the paper's row)
     "dqn": ("dqn", {"--me-coef": "0"}),
     "ib_dqn": ("dqn", {}),
@@ -198,7 +220,15 @@ BAD = [
     (["--games", "atari7"], "unknown game 'atari7'"),
     (["--variants", "rdq", "--", "--loss", "sse"], "--loss after -- is set by the variant"),
     (["--", "--network", "rdq"], "--network after -- is set by the variant"),
-    (["--variants", "rdq,dqn", "--", "--rdq-penalty", "0.1"], "variant dqn: --rdq-penalty applies to --network rdq only"),
+    (["--variants", "rdq,dqn", "--", "--rdq-penalty", "0.1"],
+     "variant dqn (dqn_atari_meanexp.py): --rdq-penalty applies to --network rdq only"),
+    (["--games", "minatar", "--variants", "dqn,iqn"], "variant 'iqn' has no MinAtar run"),
+    (["--games", "minatar_breakout", "--variants", "dueling_dqn"], "variant 'dueling_dqn' has no MinAtar run"),
+    (["--games", "minatar_breakout,breakout"], "variant 'iqn' has no MinAtar run"),  # the Atari default plans IQN
+    (["--v4", "--games", "minatar_freeway"], "MinAtar's game 'minatar_freeway' has no v4 id"),
+    (["--games", "minatar_pong"], "the MinAtar games of minatar5.csv: minatar_asterix minatar_breakout"),
+    (["--games", "minatar", "--", "--network", "dueling"], "--network after -- is set by the variant"),
+    (["--games", "minatar", "--", "--eval-epsilon", "2"], "variant dqn (dqn_minatar_meanexp.py): --eval-epsilon"),
 ]
 
 
@@ -263,6 +293,26 @@ def test_local_backend_runs_in_parallel_and_skips_finished_runs(tmp_path):
     again = run_all(tmp_path, *args)
     assert "4 runs planned: 4 already finished (skipped), 0 to run" in again.stdout
     assert {n: (tmp_path / "runs" / n / "final_eval.json").stat().st_mtime_ns for n in names} == mtimes
+
+
+def test_minatar_runs_take_every_core_and_record_the_cpu_model(tmp_path):
+    tiny = ["--total-timesteps", "600", "--learning-starts", "200", "--buffer-size", "1000", "--batch-size", "8",
+            "--eval-interval", "300", "--eval-steps", "100", "--final-eval-episodes", "2", "--target-network-frequency",
+            "100", "--no-cuda"]
+    proc = run_all(tmp_path, "--games", "minatar_breakout,minatar_freeway", "--seeds", "1", "--variants", "ib_dqn", "--",
+                   *tiny, env={"OMP_NUM_THREADS": ""})
+    cores = os.cpu_count()
+    assert f"at most {cores} at a time, on CPU, 1 CPU threads each" in proc.stdout  # one run per core, one thread each
+    assert "2 planned, 0 skipped (finished before), 2 finished now" in proc.stdout
+    sys.path.insert(0, ROOT)
+    import longrun
+
+    for game in ("breakout", "freeway"):
+        run = tmp_path / "runs" / f"minatar_{game}__ib_dqn__s1"
+        final = json.loads((run / "final_eval.json").read_text())
+        assert final["me_coef"] == 6.0 and final["total_steps"] == 600  # k = |A| = 6: the full action set
+        config = json.loads((run / "config.json").read_text())
+        assert config["machine"] == longrun.machine() and config["machine"].endswith(f", {cores} cores")
 
 
 def test_ctrl_c_checkpoints_every_run_and_the_next_call_resumes_them(tmp_path):
