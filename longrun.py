@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -279,16 +280,27 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def code_version() -> Optional[str]:
+    """The git commit of the code beside this file, "+modified" where its tracked files differ from it; None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=30)
+        clean = subprocess.run(["git", "-C", here, "diff", "--quiet", "HEAD", "--"], timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("" if clean else "+modified")
+
+
 def recorded_settings(settings: dict, run_dir: str, resumed: Optional[dict]) -> dict:
-    """What config.json records: the script's settings, the command and the machine (CPU model); a resumed run keeps its
-    first command, machine and wandb run, and adds this resume, with its own machine, to its list of resumes."""
-    settings = {**settings, "command": " ".join(sys.argv), "machine": machine()}
+    """What config.json records: the script's settings, the command, the code's commit and the machine (CPU model); a
+    resumed run keeps its first command, code, machine and wandb run, and adds this resume, with its own, to its resumes."""
+    settings = {**settings, "command": " ".join(sys.argv), "code": code_version(), "machine": machine()}
     if resumed is None:
         return settings
     previous = read_config(run_dir)
     resume = {"step": resumed[STEP], "time": time.time(), "command": settings["command"], "device": settings["device"],
-              "machine": settings["machine"]}
-    kept = {name: previous[name] for name in ("command", "machine", "wandb_run_id") if name in previous}
+              "code": settings["code"], "machine": settings["machine"]}
+    kept = {name: previous[name] for name in ("command", "code", "machine", "wandb_run_id") if name in previous}
     return {**settings, **kept, "resumes": previous.get("resumes", []) + [resume]}
 
 

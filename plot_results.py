@@ -2,8 +2,9 @@
 
     python plot_results.py --runs-dir runs --out-dir report
 
-Reads every run directory that dqn_atari_meanexp.py or iqn_atari_meanexp.py wrote (config.json,
-final_eval.json and the TensorBoard events) and writes to --out-dir:
+Reads every run directory that dqn_atari_meanexp.py, iqn_atari_meanexp.py or dqn_minatar_meanexp.py wrote (config.json,
+final_eval.json and the TensorBoard events, or the curves.json of a record that --records-dir wrote) and writes to --out-dir,
+for the Atari runs:
 
 - per_game.csv: the final evaluation score of each variant (the paper's rows: DQN, IB-DQN(k), Dueling
   DQN, RDQ, IQN, ...) and game over its seeds, its human-normalized score (0 = random play, 1 = human,
@@ -20,7 +21,15 @@ final_eval.json and the TensorBoard events) and writes to --out-dir:
 - figures: aggregate IQM vs steps, per-game learning curves, action gap and (normalized) overestimation
   vs steps, final overestimation per variant, and per game the relative change of each mean-expansion
   variant over each of its baselines;
+- for the MinAtar runs (no human scores: the Atari tables do not apply), minatar_per_game.csv (per variant and game the
+  AUC of the evaluation scores and the final score, with 95% intervals over seeds), minatar_aggregate.csv (IQM of the
+  baseline-normalized AUC over games and seeds, rliable's stratified bootstrap, and the probability of improvement),
+  minatar_claims.csv (claims 2 and 3 as for Atari) and their figures;
 - report.md: all of it, with how many games and seeds each number rests on and what is missing.
+
+--records-dir DIR also keeps each finished run's record, small enough to commit: DIR/NAME/config.json, final_eval.json and
+curves.json (the curves these tables read, and the run's wall time), and a part file DIR/_parts/DATE.json naming the runs
+it added with their CPU model. plot_results.py reads a folder of records as it reads the runs.
 
 Algorithm, variant (algorithm, network, optimizer, loss, k), game and seed come from each run's recorded
 settings (config.json), never from its directory name. Partial results (missing games or seeds, unfinished runs) are used where they can
@@ -34,6 +43,7 @@ import glob
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -63,6 +73,10 @@ class Args:
     """where the tables, figures and report.md are written (created if needed; these files are replaced)"""
     games_csv: str = os.path.join(HERE, "atari57.csv")
     """the games with their ids and their random and human scores"""
+    minatar_csv: str = os.path.join(HERE, "minatar5.csv")
+    """the MinAtar games with their ids (dqn_minatar_meanexp.py's runs)"""
+    records_dir: Optional[str] = None
+    """if given, also write each finished run's record here (config.json, final_eval.json, curves.json), to commit"""
     score_table: Literal["authors", "dqn_zoo"] = "authors"
     """the random scores of the human-normalized score: the authors' (their ale_utils; VideoPinball 0) or DQN Zoo's
     (VideoPinball 16,256.9); the only difference (docs/human_normalized_scores.md)"""
@@ -90,6 +104,8 @@ CURVE_TAGS = ("eval/episodic_return", "eval/overestimation", "eval/normalized_ov
 CLAIM_TAGS = {"relative_action_gap": "claims/relative_action_gap", "overestimation": "eval/overestimation"}
 AUTHORS_GAP_CLIP = (-20, 0.01)  # the authors clip each game's relative action gap increase to this range; we do not
 OVERESTIMATION = ("overestimation", "normalized_overestimation", "mean_q")  # of final_eval.json
+RECORD_CURVES = "curves.json"  # a record's curves (--records-dir): what this tool reads of a run's TensorBoard events
+Z_95 = 1.959963984540054  # the authors' 95% interval (plot-ci): norm.ppf(0.975) standard errors over seeds
 
 # The paper's rows by their settings (algo, network, optimizer, loss, k), in the order tables list them
 PAPER_VARIANTS = {
@@ -149,6 +165,7 @@ class Run:
     settings: tuple = ()  # network, optimizer, loss
     me_coef: float = 0.0  # k as a number (|A| as the run's number of actions)
     damaged: tuple = ()  # what is wrong with its event files (damaged_events): its curves stop where the damage is
+    wall_seconds: Optional[float] = None  # from its first logged point to its last (a resumed run: the pause included)
 
 
 def read_run(path: str):
@@ -166,17 +183,26 @@ def read_run(path: str):
             with open(os.path.join(path, "final_eval.json")) as f:
                 final = json.load(f)
             final["mean"], final["total_steps"]  # noqa: B018 (what the tables read: a KeyError here names the run)
-        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})  # applies the purges of resumed runs
-        accumulator.Reload()
-        tags = set(accumulator.Tags()["scalars"])
-        curves = {}
-        for tag in CURVE_TAGS:
-            points = accumulator.Scalars(tag) if tag in tags else []
-            curves[tag] = (np.array([p.step for p in points], dtype=np.int64), np.array([p.value for p in points]))
-        last_step = max([int(accumulator.Scalars(t)[-1].step) for t in tags] + [0])
+        if not glob.glob(os.path.join(path, "events.out.tfevents.*")) and os.path.exists(os.path.join(path, RECORD_CURVES)):
+            with open(os.path.join(path, RECORD_CURVES)) as f:  # a record (--records-dir): the curves without the events
+                record = json.load(f)
+            curves = {tag: (np.array([s for s, _ in record["curves"].get(tag, [])], dtype=np.int64),
+                            np.array([v for _, v in record["curves"].get(tag, [])], dtype=float)) for tag in CURVE_TAGS}
+            last_step, wall_seconds, damaged = int(record["last_step"]), record["wall_seconds"], ()
+        else:
+            accumulator = EventAccumulator(path, size_guidance={"scalars": 0})  # applies the purges of resumed runs
+            accumulator.Reload()
+            tags = set(accumulator.Tags()["scalars"])
+            curves = {}
+            for tag in CURVE_TAGS:
+                points = accumulator.Scalars(tag) if tag in tags else []
+                curves[tag] = (np.array([p.step for p in points], dtype=np.int64), np.array([p.value for p in points]))
+            last_step = max([int(accumulator.Scalars(t)[-1].step) for t in tags] + [0])
+            times = [p.wall_time for t in tags for p in (accumulator.Scalars(t)[0], accumulator.Scalars(t)[-1])]
+            wall_seconds, damaged = (max(times) - min(times) if times else None), damaged_events(path)
         return Run(path, algo, variant, config["env_id"], k, baselines, int(config["seed"]), int(config.get("eval_interval", 0)),
                    final, curves, max(last_step, final["total_steps"] if final else 0), settings=settings, me_coef=me_coef,
-                   damaged=damaged_events(path))
+                   damaged=damaged, wall_seconds=wall_seconds)
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{path}: not a readable run ({type(error).__name__}: {error})"
 
@@ -651,6 +677,24 @@ def plot_claim_bars(values: dict, ylabel: str, title: str, path: str):
     save(fig, path)
 
 
+def claim_figures(claims: list, out_dir: str, prefix: str = "") -> list:
+    """The authors' per-game bars of claims 2 and 3 for each comparison of claims: [(file, caption)]."""
+    figures = []
+    for variant, baseline in dict.fromkeys((r["variant"], r["baseline"]) for r in claims):
+        pair = [r for r in claims if (r["variant"], r["baseline"]) == (variant, baseline)]
+        for key, ylabel, what in (("relative_action_gap_increase", "relative action gap increase", "Relative action gap"),
+                                  ("overestimation_decrease_pct", "% decrease in overestimation", "Overestimation")):
+            values = {r["game"]: r[key] for r in pair if r[key] is not None}
+            if not values:
+                continue
+            name = f"{prefix}claims_{key}_{slug(variant)}_vs_{slug(baseline)}.png"
+            plot_claim_bars(values, ylabel, f"{what}: {variant} against {baseline}, whole-run means", os.path.join(out_dir, name))
+            clip = f" Unclipped: the authors' figure clips each bar to {AUTHORS_GAP_CLIP}." if key.startswith("relative") else ""
+            figures.append((name, f"Per game, {ylabel} of {variant} against {baseline}, as the authors' "
+                            f"plotting/two_alg_aux.py computes it ({count(len(values), 'game')}).{clip}"))
+    return figures
+
+
 def plot_k_sensitivity(rows: list, path: str):
     """The authors' k figure: per game the AUC against k > 0 on a log axis, and its AUC at k = 0 as a dashed line of the
     game's colour (k = 0 has no place on a log axis); one panel per algorithm and settings."""
@@ -709,6 +753,207 @@ def slug(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# MinAtar: no human scores; per game the AUC of raw scores, across games the AUC normalized by the baseline's
+# ---------------------------------------------------------------------------
+
+
+def read_minatar_games(minatar_csv: str) -> dict:
+    """{env id: game} of minatar5.csv, its -v0 ids too (the same games; gymnasium calls them out of date)."""
+    with open(minatar_csv) as f:
+        rows = list(csv.DictReader(f))
+    return {row["env_id"].replace("-v1", version): row["game"] for row in rows for version in ("-v1", "-v0")}
+
+
+def seed_aucs(runs: list) -> Optional[dict]:
+    """The authors' AUC, per seed: {seed: mean of its evaluation scores over the steps all the runs have}, and those steps;
+    None where they share none."""
+    curves = {run.seed: eval_points(run, "eval/episodic_return") for run in runs}
+    curves = {seed: points for seed, points in curves.items() if points}
+    common = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+    if not common:
+        return None
+    return {seed: float(np.mean([points[step] for step in common])) for seed, points in sorted(curves.items())}, common
+
+
+def interval(values) -> float:
+    """Half the width of the 95% interval of the mean of values over seeds (1.96 standard errors); NaN for one seed."""
+    values = np.asarray(values, dtype=float)
+    return float(Z_95 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def minatar_per_game(variants: dict) -> tuple:
+    """minatar_per_game.csv's rows: per variant and game, the AUC (the mean over seeds of each seed's AUC, which is the
+    authors' mean over steps of the mean over seeds) and the final score, each with its 95% interval over seeds; and
+    {(variant, game): {seed: AUC}} for the aggregate. Returns (rows, aucs, notes)."""
+    rows, aucs, notes = [], {}, []
+    for variant, runs in variants.items():
+        for game in sorted({r.game for r in runs}):
+            game_runs = [r for r in runs if r.game == game]
+            found = seed_aucs(game_runs)
+            if found is None:
+                notes.append(f"{variant}, {game}: no evaluation step all its runs have: no AUC")
+                continue
+            by_seed, steps = found
+            aucs[(variant, game)] = by_seed
+            finals = [r.final["mean"] for r in game_runs if r.final is not None]
+            rows.append(dict(variant=variant, me_coef=runs[0].k, game=game, seeds=" ".join(map(str, by_seed)),
+                             n_seeds=len(by_seed), points=len(steps), last_step=steps[-1],
+                             auc=float(np.mean(list(by_seed.values()))), auc_ci=interval(list(by_seed.values())),
+                             final_mean=float(np.mean(finals)) if finals else float("nan"), final_ci=interval(finals),
+                             finished=len(finals)))
+    return rows, aucs, notes
+
+
+def minatar_aggregate(variants: dict, aucs: dict, args: Args) -> tuple:
+    """minatar_aggregate.csv's rows: for each mean-expansion variant against its baseline, on the games both have, each
+    seed's AUC divided by the baseline's mean AUC over its seeds on that game (so the baseline's mean is 1 on every game);
+    the IQM over the (seeds x games) matrix of each side with 95% stratified bootstrap intervals, and the probability that
+    the variant's AUC beats the baseline's on a game (rliable). Returns (rows, notes)."""
+    rows, notes = [], []
+    for variant, baseline in comparisons(variants):
+        games = sorted(g for (v, g) in aucs if v == variant and (baseline, g) in aucs)
+        usable = [g for g in games if np.mean(list(aucs[(baseline, g)].values())) > 0]
+        notes += [f"{variant} vs {baseline}, {g}: the baseline's mean AUC is not > 0: no normalized AUC"
+                  for g in games if g not in usable]
+        matrices = {}
+        for side in (variant, baseline):
+            by_game = {g: {seed: auc / np.mean(list(aucs[(baseline, g)].values())) for seed, auc in aucs[(side, g)].items()}
+                       for g in usable}
+            side_games, chosen, side_notes = rectangular(by_game)
+            notes += [f"{variant} vs {baseline}, {side}: {n}" for n in side_notes]
+            if side_games:
+                matrices[side] = (to_matrix(by_game, side_games, chosen), side_games)
+        if len(matrices) < 2:
+            continue
+        (x, x_games), (y, y_games) = matrices[variant], matrices[baseline]
+        common = [g for g in x_games if g in y_games]
+        x, y = x[:, [x_games.index(g) for g in common]], y[:, [y_games.index(g) for g in common]]
+        state = np.random.RandomState(args.seed)
+        point, ci = rly.get_interval_estimates({variant: x, baseline: y}, metrics.aggregate_iqm, reps=args.reps,
+                                               random_state=state)
+        for side, matrix in ((variant, x), (baseline, y)):
+            rows.append(dict(comparison=f"{variant} vs {baseline}", variant=side, metric="iqm_normalized_auc",
+                             value=float(point[side]), ci_low=float(ci[side][0, 0]), ci_high=float(ci[side][1, 0]),
+                             games=len(common), seeds=matrix.shape[0]))
+        point, ci = rly.get_interval_estimates({"x": [x, y]}, metrics.probability_of_improvement, reps=args.reps,
+                                               random_state=np.random.RandomState(args.seed))
+        rows.append(dict(comparison=f"{variant} vs {baseline}", variant=variant, metric="probability_of_improvement",
+                         value=float(point["x"]), ci_low=float(ci["x"][0, 0]), ci_high=float(ci["x"][1, 0]),
+                         games=len(common), seeds=f"{x.shape[0]} vs {y.shape[0]}"))
+    return rows, notes
+
+
+def plot_minatar_curves(variants: dict, path: str):
+    """Per game the evaluation score against steps: the mean over seeds with its 95% interval (1.96 standard errors)."""
+    games = sorted({r.game for runs in variants.values() for r in runs})
+    fig, axes = plt.subplots(1, len(games), figsize=(3.4 * len(games), 3.2), squeeze=False)
+    for ax, game in zip(axes[0], games):
+        for variant, runs in variants.items():
+            curves = [c for c in (eval_points(r, "eval/episodic_return") for r in runs if r.game == game) if c]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))  # the steps every seed has reached
+            table = np.array([[c[s] for s in steps] for c in curves])
+            half = np.array([interval(column) for column in table.T]) if len(curves) > 1 else np.zeros(len(steps))
+            x = np.array(steps) / 1e6
+            ax.plot(x, table.mean(axis=0), color=color(variant), marker=".", label=f"{variant} ({len(curves)} seeds)")
+            ax.fill_between(x, table.mean(axis=0) - half, table.mean(axis=0) + half, color=color(variant), alpha=0.2)
+        ax.set(title=game.removeprefix("minatar_"), xlabel="agent steps (millions)")
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("evaluation score")
+    fig.suptitle("MinAtar: evaluation score, mean over seeds with its 95% interval (1.96 standard errors)", fontsize=9)
+    save(fig, path)
+
+
+def plot_minatar_aggregate(rows: list, aucs: dict, path: str):
+    """Per comparison: the IQM of the baseline-normalized AUC of each side with its 95% bootstrap interval, and each
+    game's normalized AUC (mean over seeds) as a dot."""
+    pairs = list(dict.fromkeys(r["comparison"] for r in rows))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.6), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        sides = [r for r in rows if r["comparison"] == pair and r["metric"] == "iqm_normalized_auc"]
+        baseline = sides[1]["variant"]
+        for i, r in enumerate(sides):
+            ax.errorbar([r["value"]], [i], xerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]], fmt="o",
+                        color=color(r["variant"]), capsize=4)
+            games = sorted(g for (v, g) in aucs if v == r["variant"] and (baseline, g) in aucs)
+            dots = [np.mean(list(aucs[(r["variant"], g)].values())) / np.mean(list(aucs[(baseline, g)].values())) for g in games]
+            ax.scatter(dots, [i + 0.15] * len(dots), s=12, color=color(r["variant"]), alpha=0.6)
+        ax.axvline(1, color="black", lw=0.5)
+        ax.set_yticks(range(len(sides)), labels=[r["variant"] for r in sides])
+        ax.set_ylim(-0.5, len(sides) - 0.3)
+        ax.set(xlabel=f"AUC / {baseline}'s mean AUC on the game", title=f"{pair}: IQM, 95% CI (dots: games)")
+    save(fig, path)
+
+
+def minatar_sections(variants: dict, all_games: list, problems: list, args: Args) -> tuple:
+    """The MinAtar runs' tables, figures and report lines: (report lines, figures, what is missing)."""
+    per_game, aucs, notes = minatar_per_game(variants)
+    write_csv(os.path.join(args.out_dir, "minatar_per_game.csv"), per_game, MINATAR_GAME_COLUMNS)
+    aggregate, aggregate_notes = minatar_aggregate(variants, aucs, args)
+    write_csv(os.path.join(args.out_dir, "minatar_aggregate.csv"), aggregate, MINATAR_AGGREGATE_COLUMNS)
+    claims = claim_rows(variants)
+    write_csv(os.path.join(args.out_dir, "minatar_claims.csv"), claims, CLAIM_COLUMNS)
+    figures = []
+    plot_minatar_curves(variants, os.path.join(args.out_dir, "minatar_curves.png"))
+    figures.append(("minatar_curves.png", "MinAtar: evaluation score per game vs agent steps, mean over seeds with its "
+                    "95% interval (1.96 standard errors), on the steps every seed has reached."))
+    if aggregate:
+        plot_minatar_aggregate(aggregate, aucs, os.path.join(args.out_dir, "minatar_aggregate.png"))
+        figures.append(("minatar_aggregate.png", "MinAtar: IQM over games and seeds of the AUC divided by the baseline's "
+                        "mean AUC on the game, 95% stratified bootstrap interval (table: minatar_aggregate.csv)."))
+    figures += claim_figures(claims, args.out_dir, "minatar_")
+    cells = [{"variant": r["variant"], "game": r["game"], "seeds": r["n_seeds"],
+              "AUC (95% interval)": f"{r['auc']:.2f} ± {r['auc_ci']:.2f}", "evaluations": f"{r['points']} to {r['last_step']:,}",
+              "final score (95% interval)": f"{r['final_mean']:.2f} ± {r['final_ci']:.2f} ({r['finished']} finished)"}
+             for r in per_game]
+    lines = ["## MinAtar", "",
+             "AUC: per seed, the mean of its evaluation scores over the evaluation steps all the seeds of its game and "
+             "variant have; per game, the mean over seeds (the authors' AUC, plotting/plot_hypers_perf.py), ± 1.96 standard "
+             "errors over seeds. Final score: the best network's final evaluation. Every number: `minatar_per_game.csv`.", "",
+             markdown_table(cells, list(cells[0])) if cells else "No evaluation yet.", "",
+             "### Aggregate: IQM of the baseline-normalized AUC", "",
+             "Normalization: each seed's AUC divided by the baseline's mean AUC over its seeds on the same game (the "
+             "baseline's is 1 on every game). IQM over the (seeds x games) matrix with 95% stratified bootstrap intervals "
+             f"({args.reps} resamples), and the probability that the variant's AUC beats the baseline's on a game (rliable).",
+             "", markdown_table(aggregate, MINATAR_AGGREGATE_COLUMNS) if aggregate else "No game has both sides yet.", ""]
+    lines += claims_report(claims, "### Claims 2 and 3 on MinAtar (the authors' computation)", "minatar_claims.csv")
+    missing = missing_data(variants, all_games, {}, {}, []) + notes + aggregate_notes
+    return lines, figures, missing
+
+
+def write_records(runs: list, records_dir: str) -> list:
+    """--records-dir: each finished run's record (config.json, final_eval.json and curves.json) in records_dir/NAME, and a
+    part file naming the runs this call added, with their CPU models. Returns the names added."""
+    added = []
+    for run in runs:
+        name = os.path.basename(os.path.normpath(run.path))
+        target = os.path.join(records_dir, name)
+        if run.final is None or os.path.abspath(target) == os.path.abspath(run.path):
+            continue
+        new = not os.path.exists(os.path.join(target, "final_eval.json"))
+        os.makedirs(target, exist_ok=True)
+        for file in ("config.json", "final_eval.json"):
+            shutil.copyfile(os.path.join(run.path, file), os.path.join(target, file))
+        curves = {tag: [[int(s), float(v)] for s, v in zip(*run.curves[tag])] for tag in CURVE_TAGS if len(run.curves[tag][0])}
+        with open(os.path.join(target, RECORD_CURVES), "w") as f:
+            json.dump({"last_step": run.last_step, "wall_seconds": run.wall_seconds, "curves": curves}, f)
+        if new:
+            added.append(name)
+    if added:
+        configs = {name: json.load(open(os.path.join(records_dir, name, "config.json"))) for name in added}
+        part = {"date": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
+                "machines": sorted({c.get("machine", "not recorded") for c in configs.values()}),
+                "runs": {name: {"machine": c.get("machine", "not recorded"), "code": c.get("code"), "command": c.get("command"),
+                                "wall_seconds": next(r.wall_seconds for r in runs if os.path.basename(os.path.normpath(r.path)) == name)}
+                         for name, c in configs.items()}}
+        os.makedirs(os.path.join(records_dir, "_parts"), exist_ok=True)
+        with open(os.path.join(records_dir, "_parts", f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"), "w") as f:
+            json.dump(part, f, indent=1)
+    return added
+
+
+# ---------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------
 
@@ -753,15 +998,16 @@ def significant(value) -> str:
     return "missing" if value is None else f"{value:.4g}"
 
 
-def claims_report(rows: list) -> list:
+def claims_report(rows: list, title: str = "## Claims 2 and 3: relative action gap and overestimation (the authors' "
+                  "computation)", table: str = "claims.csv") -> list:
     """report.md's section on claims 2 and 3, computed as the authors compute them, one table per comparison."""
-    lines = ["## Claims 2 and 3: relative action gap and overestimation (the authors' computation)", "",
+    lines = [title, "",
              "As the authors' plotting/two_alg_aux.py: per run, the mean over all its evaluation rows of the relative action "
              "gap (`claims/relative_action_gap`: the gap measured at target syncs / (|mean training-batch Q| + 1e-8)) and "
              "of the evaluation's overestimation (`eval/overestimation`); per game, the mean over seeds. Increase: variant - "
              "baseline (unclipped; the authors' figure clips it to "
              f"{AUTHORS_GAP_CLIP}). % decrease in overestimation: -(variant - baseline) / (|baseline| + 1e-8) x 100. "
-             "`missing`: no run of that side has the statistic (runs older than it). Every number: `claims.csv`.", ""]
+             f"`missing`: no run of that side has the statistic (runs older than it). Every number: `{table}`.", ""]
     if not rows:
         return lines + ["No game has runs of a mean-expansion variant and its baseline: nothing to compare.", ""]
     for variant, baseline in dict.fromkeys((r["variant"], r["baseline"]) for r in rows):
@@ -781,7 +1027,7 @@ def claims_report(rows: list) -> list:
                   "overestimation, variant": significant(r["variant_overestimation"]),
                   "overestimation, baseline": significant(r["baseline_overestimation"]),
                   "% decrease": significant(r["overestimation_decrease_pct"])} for r in pair]
-        lines += [f"### {variant} vs {baseline}", "", ("; ".join(summary) or "no game has both statistics on both sides") + ".",
+        lines += [f"{title.split()[0]}# {variant} vs {baseline}", "", ("; ".join(summary) or "no game has both statistics on both sides") + ".",
                   "", markdown_table(cells, list(cells[0])), ""]
     return lines
 
@@ -858,41 +1104,15 @@ CLAIM_COLUMNS = ["variant", "baseline", "game", "variant_relative_action_gap", "
                  "relative_action_gap_increase", "variant_overestimation", "baseline_overestimation",
                  "overestimation_decrease_pct", "variant_relative_action_gap_runs", "baseline_relative_action_gap_runs",
                  "variant_overestimation_runs", "baseline_overestimation_runs"]
+MINATAR_GAME_COLUMNS = ["variant", "me_coef", "game", "seeds", "n_seeds", "points", "last_step", "auc", "auc_ci", "final_mean",
+                        "final_ci", "finished"]
+MINATAR_AGGREGATE_COLUMNS = ["comparison", "variant", "metric", "value", "ci_low", "ci_high", "games", "seeds"]
 K_SENSITIVITY_COLUMNS = ["algo", "network", "optimizer", "loss", "game", "k", "me_coef", "seeds", "n_seeds", "points",
                          "first_step", "last_step", "longest_step", "auc", "seed_auc_se"]
 
 
-def main(args: Args):
-    if not os.path.isdir(args.runs_dir):
-        fail(f"--runs-dir {args.runs_dir!r} does not exist")
-    if not os.path.isfile(args.games_csv):
-        fail(f"--games-csv {args.games_csv!r} does not exist")
-    if os.path.exists(args.out_dir) and not (os.path.isdir(args.out_dir) and os.access(args.out_dir, os.W_OK | os.X_OK)):
-        fail(f"--out-dir {args.out_dir!r} is not a folder this user can write into (checked before reading the runs)")
-    for name in ("reps", "curve_reps", "curve_points", "workers"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    try:
-        env_games, game_scores = read_games(args.games_csv, args.score_table)
-    except KeyError as error:
-        fail(f"--games-csv {args.games_csv!r} has no column {error.args[0]!r} (--score-table {args.score_table} reads it)")
-    runs, problems = find_runs(args.runs_dir, args.workers)
-    for run in list(runs):
-        if run.env_id not in env_games:
-            problems.append(f"{run.path}: env {run.env_id} is not a game of {args.games_csv}")
-            runs.remove(run)
-        else:
-            run.game = env_games[run.env_id]
-    if not runs:
-        fail(f"no run found under {args.runs_dir!r} (a run is a directory with the config.json the scripts write)"
-             + (": " + "; ".join(problems) if problems else ""))
-    runs, duplicates = drop_duplicates(runs)
-    problems = [f"not read: {p}" for p in problems] + [f"left out: {d}" for d in duplicates]
-    os.makedirs(args.out_dir, exist_ok=True)
-    variants = {}  # name -> runs, in the paper's order
-    for run in sorted(runs, key=lambda r: variant_order(r.variant)):
-        variants.setdefault(run.variant, []).append(run)
-
+def atari_sections(variants: dict, runs: list, game_scores: dict, problems: list, args: Args) -> tuple:
+    """The Atari runs' tables, figures and report lines: (report lines, figures, what is missing)."""
     per_game = per_game_rows(variants, game_scores)
     write_csv(os.path.join(args.out_dir, "per_game.csv"), per_game, GAME_COLUMNS)
     aggregates, aggregate_notes = aggregate_rows(variants, game_scores, args)
@@ -938,38 +1158,14 @@ def main(args: Args):
             name = f"relative_change_{slug(variant)}_vs_{slug(baseline)}.png"
             plot_relative_change(changes, variant, baseline, os.path.join(args.out_dir, name))
             figures.append((name, f"Per game, {variant} against {baseline} on the final evaluation ({count(len(changes), 'game')} with both)."))
-    for variant, baseline in dict.fromkeys((r["variant"], r["baseline"]) for r in claims):
-        pair = [r for r in claims if (r["variant"], r["baseline"]) == (variant, baseline)]
-        for key, ylabel, what in (("relative_action_gap_increase", "relative action gap increase", "Relative action gap"),
-                                  ("overestimation_decrease_pct", "% decrease in overestimation", "Overestimation")):
-            values = {r["game"]: r[key] for r in pair if r[key] is not None}
-            if not values:
-                continue
-            name = f"claims_{key}_{slug(variant)}_vs_{slug(baseline)}.png"
-            plot_claim_bars(values, ylabel, f"{what}: {variant} against {baseline}, whole-run means", os.path.join(args.out_dir, name))
-            clip = f" Unclipped: the authors' figure clips each bar to {AUTHORS_GAP_CLIP}." if key.startswith("relative") else ""
-            figures.append((name, f"Per game, {ylabel} of {variant} against {baseline}, as the authors' "
-                            f"plotting/two_alg_aux.py computes it ({count(len(values), 'game')}).{clip}"))
+    figures += claim_figures(claims, args.out_dir)
     if sweeps:
         plot_k_sensitivity(sweeps, os.path.join(args.out_dir, "k_sensitivity.png"))
         figures.append(("k_sensitivity.png", "The authors' k figure: per game, the AUC of the human-normalized evaluation "
                         "score against k > 0 (log scale); dashed, in the game's colour, its AUC at k = 0 "
                         "(table: k_sensitivity.csv)."))
 
-    missing = missing_data(variants, sorted(game_scores), aggregate_notes, curve_notes, problems)
-    summary = [dict(variant=v, algo=rs[0].algo, me_coef=rs[0].k, games=len({r.game for r in rs}),
-                    seeds=" ".join(map(str, sorted({r.seed for r in rs}))), finished=sum(r.final is not None for r in rs),
-                    unfinished=sum(r.final is None for r in rs)) for v, rs in variants.items()]
     report = [
-        "# Results",
-        "",
-        f"Written by `plot_results.py` on {datetime.datetime.now():%Y-%m-%d %H:%M} from `{args.runs_dir}`: {len(runs)} runs "
-        f"read ({sum(r.final is not None for r in runs)} finished).",
-        "",
-        "## Runs",
-        "",
-        markdown_table(summary, ["variant", "algo", "me_coef", "games", "seeds", "finished", "unfinished"]),
-        "",
         "## Aggregate human-normalized scores (final evaluation)",
         "",
         "Human-normalized score: (score - random) / (human - random), from `atari57.csv` with "
@@ -991,13 +1187,91 @@ def main(args: Args):
         "",
         *claims_report(claims),
         *k_sensitivity_report(sweeps, sweep_notes),
+        "## Per-game final scores",
+        "",
+        markdown_table(per_game, GAME_COLUMNS) if per_game else "None yet.",
+        "",
+    ]
+    return report, figures, missing_data(variants, sorted(game_scores), aggregate_notes, curve_notes, problems)
+
+
+def by_variant(runs: list) -> dict:
+    """{variant name: its runs}, in the paper's order."""
+    variants = {}
+    for run in sorted(runs, key=lambda r: variant_order(r.variant)):
+        variants.setdefault(run.variant, []).append(run)
+    return variants
+
+
+def main(args: Args):
+    if not os.path.isdir(args.runs_dir):
+        fail(f"--runs-dir {args.runs_dir!r} does not exist")
+    for name in ("games_csv", "minatar_csv"):
+        if not os.path.isfile(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)!r} does not exist")
+    for name in ("out_dir", "records_dir"):
+        folder = getattr(args, name)
+        if folder is not None and os.path.exists(folder) and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+            fail(f"--{name.replace('_', '-')} {folder!r} is not a folder this user can write into (checked before reading the runs)")
+    for name in ("reps", "curve_reps", "curve_points", "workers"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    try:
+        env_games, game_scores = read_games(args.games_csv, args.score_table)
+    except KeyError as error:
+        fail(f"--games-csv {args.games_csv!r} has no column {error.args[0]!r} (--score-table {args.score_table} reads it)")
+    try:
+        minatar_games = read_minatar_games(args.minatar_csv)
+    except KeyError as error:
+        fail(f"--minatar-csv {args.minatar_csv!r} has no column {error.args[0]!r} (it needs game and env_id)")
+    runs, problems = find_runs(args.runs_dir, args.workers)
+    for run in list(runs):
+        run.game = env_games.get(run.env_id, minatar_games.get(run.env_id, ""))
+        if not run.game:
+            problems.append(f"{run.path}: env {run.env_id} is not a game of {args.games_csv} or {args.minatar_csv}")
+            runs.remove(run)
+    if not runs:
+        fail(f"no run found under {args.runs_dir!r} (a run is a directory with the config.json the scripts write)"
+             + (": " + "; ".join(problems) if problems else ""))
+    runs, duplicates = drop_duplicates(runs)
+    problems = [f"not read: {p}" for p in problems] + [f"left out: {d}" for d in duplicates]
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.records_dir is not None:
+        added = write_records(runs, args.records_dir)
+        print(f"{count(len(added), 'new record')} in {args.records_dir} ({sum(r.final is not None for r in runs)} finished runs kept)")
+    minatar = set(minatar_games.values())
+    atari_runs = [r for r in runs if r.game not in minatar]
+    variants = by_variant(runs)
+    report, figures, missing = [], [], []
+    if atari_runs:
+        report, figures, missing = atari_sections(by_variant(atari_runs), atari_runs, game_scores, problems, args)
+    else:
+        missing = problems
+    if len(atari_runs) < len(runs):
+        lines, more_figures, more_missing = minatar_sections(by_variant([r for r in runs if r.game in minatar]),
+                                                             sorted(minatar), [], args)
+        report, figures, missing = report + lines, figures + more_figures, missing + more_missing
+
+    summary = [dict(variant=v, algo=rs[0].algo, me_coef=rs[0].k, games=len({r.game for r in rs}),
+                    seeds=" ".join(map(str, sorted({r.seed for r in rs}))), finished=sum(r.final is not None for r in rs),
+                    unfinished=sum(r.final is None for r in rs)) for v, rs in variants.items()]
+    report = [
+        "# Results",
+        "",
+        f"Written by `plot_results.py` on {datetime.datetime.now():%Y-%m-%d %H:%M} from `{args.runs_dir}`: {len(runs)} runs "
+        f"read ({sum(r.final is not None for r in runs)} finished).",
+        "",
+        "## Runs",
+        "",
+        markdown_table(summary, ["variant", "algo", "me_coef", "games", "seeds", "finished", "unfinished"]),
+        "",
+        *report,
         "## Figures",
         "",
     ]
     for name, caption in figures:
         report += [f"![{name}]({name})", "", caption, ""]
-    report += ["## Per-game final scores", "", markdown_table(per_game, GAME_COLUMNS) if per_game else "None yet.", "",
-               "## What is missing", ""]
+    report += ["## What is missing", ""]
     report += [f"- {line}" for line in missing] or ["Nothing: every variant has every game and seed, all finished."]
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:
         f.write("\n".join(report) + "\n")
