@@ -293,6 +293,14 @@ def comparisons(variants: dict) -> list:
     return [(variant, baseline) for variant, runs in variants.items() for baseline in runs[0].baselines if baseline in variants]
 
 
+def interval_estimates(scores: dict, func, reps: int, seed: int):
+    """rliable's point estimates and 95% stratified bootstrap intervals, the same on every call with the same seed: rliable
+    1.2.0's StratifiedBootstrap draws its resamples from NumPy's global generator (update_indices calls np.random.choice)
+    and ignores the random_state it is given, so the global generator is seeded here first."""
+    np.random.seed(seed)
+    return rly.get_interval_estimates(scores, func, reps=reps, random_state=np.random.RandomState(seed))
+
+
 def aggregate_rows(variants: dict, game_scores: dict, args: Args):
     """aggregate.csv's rows: the four aggregates per variant, and the probability of improvement over each baseline."""
     rows, matrices, notes = [], {}, {}
@@ -301,9 +309,8 @@ def aggregate_rows(variants: dict, game_scores: dict, args: Args):
         if matrix.size == 0:
             continue
         matrices[variant] = (matrix, games)
-        point, interval = rly.get_interval_estimates(
-            {"x": matrix}, lambda m: np.array([f(m) for f in AGGREGATES.values()]), reps=args.reps,
-            random_state=np.random.RandomState(args.seed))
+        point, interval = interval_estimates({"x": matrix}, lambda m: np.array([f(m) for f in AGGREGATES.values()]), args.reps,
+                                             args.seed)
         for i, metric in enumerate(AGGREGATES):
             rows.append(dict(variant=variant, algo=runs[0].algo, me_coef=runs[0].k, metric=metric, value=float(point["x"][i]),
                              ci_low=float(interval["x"][0, i]), ci_high=float(interval["x"][1, i]), games=len(games),
@@ -318,8 +325,7 @@ def aggregate_rows(variants: dict, game_scores: dict, args: Args):
             continue
         x = matrix[:, [games.index(g) for g in common]]
         y = base_matrix[:, [base_games.index(g) for g in common]]
-        point, interval = rly.get_interval_estimates({"x": [x, y]}, metrics.probability_of_improvement, reps=args.reps,
-                                                     random_state=np.random.RandomState(args.seed))
+        point, interval = interval_estimates({"x": [x, y]}, metrics.probability_of_improvement, args.reps, args.seed)
         runs = variants[variant]
         rows.append(dict(variant=f"{variant} vs {baseline}", algo=runs[0].algo, me_coef=runs[0].k,
                          metric="probability_of_improvement", value=float(point["x"]), ci_low=float(interval["x"][0, 0]),
@@ -431,8 +437,7 @@ def aggregate_curve(runs: list, game_scores: dict, args: Args):
     iqm, low, high = [], [], []
     for step in steps:
         matrix = to_matrix(by_game, games, chosen, lambda g, points: human_normalized(points[step], g, game_scores))
-        point, interval = rly.get_interval_estimates({"x": matrix}, metrics.aggregate_iqm, reps=args.curve_reps,
-                                                     random_state=np.random.RandomState(args.seed))
+        point, interval = interval_estimates({"x": matrix}, metrics.aggregate_iqm, args.curve_reps, args.seed)
         iqm.append(float(point["x"]))
         low.append(float(interval["x"][0, 0]))
         high.append(float(interval["x"][1, 0]))
@@ -828,15 +833,12 @@ def minatar_aggregate(variants: dict, aucs: dict, args: Args) -> tuple:
         (x, x_games), (y, y_games) = matrices[variant], matrices[baseline]
         common = [g for g in x_games if g in y_games]
         x, y = x[:, [x_games.index(g) for g in common]], y[:, [y_games.index(g) for g in common]]
-        state = np.random.RandomState(args.seed)
-        point, ci = rly.get_interval_estimates({variant: x, baseline: y}, metrics.aggregate_iqm, reps=args.reps,
-                                               random_state=state)
+        point, ci = interval_estimates({variant: x, baseline: y}, metrics.aggregate_iqm, args.reps, args.seed)
         for side, matrix in ((variant, x), (baseline, y)):
             rows.append(dict(comparison=f"{variant} vs {baseline}", variant=side, metric="iqm_normalized_auc",
                              value=float(point[side]), ci_low=float(ci[side][0, 0]), ci_high=float(ci[side][1, 0]),
                              games=len(common), seeds=matrix.shape[0]))
-        point, ci = rly.get_interval_estimates({"x": [x, y]}, metrics.probability_of_improvement, reps=args.reps,
-                                               random_state=np.random.RandomState(args.seed))
+        point, ci = interval_estimates({"x": [x, y]}, metrics.probability_of_improvement, args.reps, args.seed)
         rows.append(dict(comparison=f"{variant} vs {baseline}", variant=variant, metric="probability_of_improvement",
                          value=float(point["x"]), ci_low=float(ci["x"][0, 0]), ci_high=float(ci["x"][1, 0]),
                          games=len(common), seeds=f"{x.shape[0]} vs {y.shape[0]}"))

@@ -407,3 +407,101 @@ def test_one_run_is_counted_in_the_singular(tmp_path):
               eval_returns=[(250_000, -21.0), (500_000, -20.0)])
     proc = plot(tmp_path / "runs", tmp_path / "out")
     assert proc.stdout.startswith("1 run in 1 variant -> "), proc.stdout  # issue 34: "1 runs"
+
+
+# ---------------------------------------------------------------------------
+# MinAtar: raw-score AUCs per game, the baseline-normalized AUC across games
+# ---------------------------------------------------------------------------
+
+MINATAR = {"minatar_breakout": "MinAtar/Breakout-v1", "minatar_freeway": "MinAtar/Freeway-v1"}
+
+
+def write_minatar_batch(runs):
+    """2 games x DQN (k = 0) / IB-DQN(k) x 4 seeds; evaluation scores at 250k, 500k, 750k (seed 4 of IB-DQN(k) on
+    freeway unfinished at 500k); relative gaps and overestimations per evaluation. Binary fractions: exact sums."""
+    aucs = {}
+    for game, env_id in MINATAR.items():
+        for name, k in (("dqn", 0), ("ib", None)):
+            for seed in range(1, 5):
+                base = {"minatar_breakout": 4.0, "minatar_freeway": 32.0}[game] * (1.5 if name == "ib" else 1.0)
+                scores = [base + seed, base + 2 * seed, base + 4 * seed]
+                finished = not (game == "minatar_freeway" and name == "ib" and seed == 4)
+                if not finished:
+                    scores = scores[:2]
+                steps = [250_000 * (i + 1) for i in range(len(scores))]
+                write_run(runs, f"{game}__{name}__s{seed}", "dqn", env_id, seed, me_coef=k,
+                          final_mean=scores[-1] + 0.5 if finished else None, eval_returns=list(zip(steps, scores)),
+                          relative_action_gaps=[(s, 0.25 * (name == "ib") + 0.125) for s in steps],
+                          overestimations=[(s, 2.0 if name == "ib" else 4.0) for s in steps],
+                          machine="Test CPU, 2 cores", command=f"dqn_minatar_meanexp.py --seed {seed}")
+                aucs[(name, game, seed)] = scores
+    return aucs
+
+
+def test_minatar_aucs_intervals_and_the_normalized_iqm_equal_a_hand_computation(tmp_path):
+    from scipy import stats
+
+    scores = write_minatar_batch(tmp_path / "runs")
+    proc = plot(tmp_path / "runs", tmp_path / "out")
+    assert "16 runs in 2 variants" in proc.stdout
+    rows = {(r["variant"], r["game"]): r for r in read_csv(tmp_path / "out" / "minatar_per_game.csv")}
+    seed_aucs = {}
+    for (name, variant) in (("dqn", "DQN"), ("ib", "IB-DQN(k)")):
+        for game in MINATAR:
+            # the AUC of each seed: the mean over the steps all 4 seeds have (IB-DQN(k) on freeway: 250k and 500k only)
+            points = 2 if (name, game) == ("ib", "minatar_freeway") else 3
+            aucs = np.array([np.mean(scores[(name, game, s)][:points]) for s in range(1, 5)])
+            seed_aucs[(variant, game)] = aucs
+            row = rows[(variant, game)]
+            assert float(row["auc"]) == pytest.approx(aucs.mean(), rel=1e-12)
+            assert float(row["auc_ci"]) == pytest.approx(1.959963984540054 * aucs.std(ddof=1) / 2, rel=1e-12)
+            assert (row["n_seeds"], row["points"], row["last_step"]) == ("4", str(points), str(250_000 * points))
+            finals = [scores[(name, game, s)][-1] + 0.5 for s in range(1, 5) if (name, game, s) != ("ib", "minatar_freeway", 4)]
+            assert float(row["final_mean"]) == pytest.approx(np.mean(finals)) and row["finished"] == str(len(finals))
+    table = read_csv(tmp_path / "out" / "minatar_aggregate.csv")
+    for variant in ("IB-DQN(k)", "DQN"):
+        # each seed's AUC / the baseline's mean AUC on its game; the IQM of the 4 x 2 values: the mean of the middle 4
+        normalized = np.concatenate([seed_aucs[(variant, g)] / seed_aucs[("DQN", g)].mean() for g in MINATAR])
+        value, low, high, row = aggregate(table, variant, "iqm_normalized_auc")
+        assert value == pytest.approx(stats.trim_mean(normalized, 0.25), rel=1e-12)
+        assert low <= value <= high and row["comparison"] == "IB-DQN(k) vs DQN" and (row["games"], row["seeds"]) == ("2", "4")
+    value, *_ = aggregate(table, "IB-DQN(k)", "probability_of_improvement")
+    wins = [np.mean([(a > b) + 0.5 * (a == b) for a in seed_aucs[("IB-DQN(k)", g)] for b in seed_aucs[("DQN", g)]]) for g in MINATAR]
+    assert value == pytest.approx(np.mean(wins), rel=1e-12)  # P(a seed of IB-DQN(k) beats one of DQN), averaged over games
+    again = plot(tmp_path / "runs", tmp_path / "again")  # the bootstrap is seeded (--seed): the same intervals every time
+    assert read_csv(tmp_path / "again" / "minatar_aggregate.csv") == table
+    claims = {r["game"]: r for r in read_csv(tmp_path / "out" / "minatar_claims.csv")}
+    assert float(claims["minatar_breakout"]["relative_action_gap_increase"]) == 0.25
+    assert float(claims["minatar_freeway"]["overestimation_decrease_pct"]) == pytest.approx(50.0)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## MinAtar" in report and "## Aggregate human-normalized" not in report  # no human scores on MinAtar
+    assert "### Claims 2 and 3 on MinAtar" in report and "#### IB-DQN(k) vs DQN" in report
+    assert "IB-DQN(k), minatar_freeway, seed 4: unfinished" in report
+    for name in ("minatar_curves.png", "minatar_aggregate.png", "minatar_claims_relative_action_gap_increase_ib_dqn_k_vs_dqn.png"):
+        assert f"![{name}]({name})" in report and image.imread(str(tmp_path / "out" / name)).size > 0
+
+
+def test_records_of_finished_runs_reproduce_the_tables_and_name_their_machine(tmp_path):
+    write_minatar_batch(tmp_path / "runs")
+    write_run(tmp_path / "runs", "breakout__dqn__s1", "dqn", "ALE/Breakout-v5", 1, me_coef=0, final_mean=score_of("breakout", 0.5),
+              eval_returns=curve(score_of("breakout", 0.5)))
+    proc = plot(tmp_path / "runs", tmp_path / "out", "--records-dir", str(tmp_path / "records"))
+    assert "16 new records in" in proc.stdout  # 15 finished MinAtar runs and the Atari one; the unfinished one is not kept
+    records = sorted(os.listdir(tmp_path / "records"))
+    assert "minatar_freeway__ib__s4" not in records and len(records) == 17  # and _parts
+    assert sorted(os.listdir(tmp_path / "records" / "minatar_breakout__dqn__s1")) == ["config.json", "curves.json",
+                                                                                     "final_eval.json"]
+    (part,) = glob.glob(str(tmp_path / "records" / "_parts" / "*.json"))
+    with open(part) as f:
+        part = __import__("json").load(f)
+    assert part["machines"] == ["Test CPU, 2 cores", "not recorded"]
+    assert part["runs"]["minatar_breakout__dqn__s2"]["command"] == "dqn_minatar_meanexp.py --seed 2"
+    again = plot(tmp_path / "runs", tmp_path / "out2", "--records-dir", str(tmp_path / "records"))
+    assert "0 new records in" in again.stdout and len(glob.glob(str(tmp_path / "records" / "_parts" / "*.json"))) == 1
+    shutil.rmtree(tmp_path / "runs" / "minatar_freeway__ib__s4")  # what the records hold: the finished runs
+    plot(tmp_path / "runs", tmp_path / "from_runs")
+    plot(tmp_path / "records", tmp_path / "from_records")
+    for table in ("minatar_per_game.csv", "minatar_aggregate.csv", "minatar_claims.csv", "per_game.csv", "aggregate.csv"):
+        assert read_csv(tmp_path / "from_records" / table) == read_csv(tmp_path / "from_runs" / table), table
+    report = (tmp_path / "from_records" / "report.md").read_text()
+    assert "## MinAtar" in report and "## Aggregate human-normalized scores" in report  # both suites, each its own tables
