@@ -632,9 +632,12 @@ def measure_action_gap(network: nn.Module, rb: ReplayBuffer, n_states: int, rng:
 
 def record_q(state, values: torch.Tensor):
     """Writes a training batch's Q values into the ring of the last Q_RECORD (on the device: no sync)."""
-    values = values[-Q_RECORD:]
-    slots = (state.q_recorded + torch.arange(len(values), device=values.device)) % Q_RECORD
-    state.q_record.index_copy_(0, slots, values.to(state.q_record.dtype))
+    values = values[-Q_RECORD:].to(state.q_record.dtype)
+    start = state.q_recorded % Q_RECORD
+    head = min(len(values), Q_RECORD - start)  # the slots up to the ring's end; the rest wrap around to its start
+    state.q_record[start:start + head] = values[:head]  # slices, not an index tensor: two copies at most, no arange
+    if head < len(values):
+        state.q_record[:len(values) - head] = values[head:]
     state.q_recorded += len(values)
 
 

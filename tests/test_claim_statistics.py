@@ -32,6 +32,11 @@ def test_average_q_is_the_mean_of_the_last_1000_values_and_the_gap_record_emptie
     assert state.gap_record == []  # the authors' record is emptied when a row reads it
     again = dqn.claim_statistics(state)
     assert again["average_q"] == 699.5 and again["average_action_gap"] is None and again["relative_action_gap"] is None
+    split = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
+    for batch in range(40):  # batches of 32: the 32nd batch straddles the ring's end, its last 8 values wrap to its start
+        dqn.record_q(split, torch.arange(32 * batch, 32 * batch + 32, dtype=torch.float32))
+    assert split.q_record.tolist() == [float(v if v >= 280 else v + 1000) for v in range(1000)]  # value v in slot v % 1000
+    assert split.q_recorded == 1280 and dqn.claim_statistics(split)["average_q"] == 779.5
     fresh = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
     assert dqn.claim_statistics(fresh) == {"average_q": None, "average_action_gap": None, "relative_action_gap": None}
     dqn.record_q(fresh, torch.tensor([-4.0, -2.0]))  # the denominator is |average_q|

@@ -152,3 +152,24 @@ def test_the_gpu_check_without_a_gpu_asks_for_the_dry_run(tmp_path):
     proc = subprocess.run([*GPU_CHECK, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA device here: use --dry-run" in proc.stderr
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_the_minatar_bound_times_every_update_action_and_env_step_of_one_real_run(tmp_path):
+    """benchmarks/minatar_bound.py: the script's own run, its updates, actions and env steps timed inside it; the bound
+    is their sum and never more than the loop's wall time over the same span (the share is no timing claim here)."""
+    out = tmp_path / "bound.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "minatar_bound.py"), "--steps", "400",
+                           "--learning-starts", "200", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["updates"] == 400 // 4 and row["env_id"] == "MinAtar/Breakout-v1"  # one update per 4 steps after 200
+    assert row["act_calls"] == row["env_calls"] >= 396  # every step from the first update on (and the autoreset steps)
+    parts = row["seconds_per_part"]
+    assert parts["update"] + parts["act"] + parts["env"] == pytest.approx(row["bound_seconds"])
+    assert 0 < row["bound_seconds"] <= row["loop_seconds"] and row["share_of_bound"] == row["bound_seconds"] / row["loop_seconds"]
+    assert result["machine"] and not os.path.exists(tmp_path / "runs")  # the run went to a folder of its own, then away
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "minatar_bound.py"), "--json", str(out)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "exists" in refused.stderr
