@@ -284,7 +284,8 @@ def code_version() -> Optional[str]:
     """The git commit of the code beside this file, "+modified" where its tracked files differ from it; None outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=30)
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                timeout=30)
         clean = subprocess.run(["git", "-C", here, "diff", "--quiet", "HEAD", "--"], timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return None

@@ -879,7 +879,8 @@ def plot_minatar_aggregate(rows: list, aucs: dict, path: str):
             ax.errorbar([r["value"]], [i], xerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]], fmt="o",
                         color=color(r["variant"]), capsize=4)
             games = sorted(g for (v, g) in aucs if v == r["variant"] and (baseline, g) in aucs)
-            dots = [np.mean(list(aucs[(r["variant"], g)].values())) / np.mean(list(aucs[(baseline, g)].values())) for g in games]
+            mean = lambda name, game: np.mean(list(aucs[(name, game)].values()))  # noqa: E731 (over seeds)
+            dots = [mean(r["variant"], g) / mean(baseline, g) for g in games]
             ax.scatter(dots, [i + 0.15] * len(dots), s=12, color=color(r["variant"]), alpha=0.6)
         ax.axvline(1, color="black", lw=0.5)
         ax.set_yticks(range(len(sides)), labels=[r["variant"] for r in sides])
@@ -906,7 +907,8 @@ def minatar_sections(variants: dict, all_games: list, problems: list, args: Args
                         "mean AUC on the game, 95% stratified bootstrap interval (table: minatar_aggregate.csv)."))
     figures += claim_figures(claims, args.out_dir, "minatar_")
     cells = [{"variant": r["variant"], "game": r["game"], "seeds": r["n_seeds"],
-              "AUC (95% interval)": f"{r['auc']:.2f} ± {r['auc_ci']:.2f}", "evaluations": f"{r['points']} to {r['last_step']:,}",
+              "AUC (95% interval)": f"{r['auc']:.2f} ± {r['auc_ci']:.2f}",
+              "evaluations": f"{r['points']} to {r['last_step']:,}",
               "final score (95% interval)": f"{r['final_mean']:.2f} ± {r['final_ci']:.2f} ({r['finished']} finished)"}
              for r in per_game]
     lines = ["## MinAtar", "",
@@ -944,10 +946,11 @@ def write_records(runs: list, records_dir: str) -> list:
             added.append(name)
     if added:
         configs = {name: json.load(open(os.path.join(records_dir, name, "config.json"))) for name in added}
+        wall = {os.path.basename(os.path.normpath(r.path)): r.wall_seconds for r in runs}
         part = {"date": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
                 "machines": sorted({c.get("machine", "not recorded") for c in configs.values()}),
                 "runs": {name: {"machine": c.get("machine", "not recorded"), "code": c.get("code"), "command": c.get("command"),
-                                "wall_seconds": next(r.wall_seconds for r in runs if os.path.basename(os.path.normpath(r.path)) == name)}
+                                "wall_seconds": wall[name]}
                          for name, c in configs.items()}}
         os.makedirs(os.path.join(records_dir, "_parts"), exist_ok=True)
         with open(os.path.join(records_dir, "_parts", f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"), "w") as f:
@@ -1029,7 +1032,8 @@ def claims_report(rows: list, title: str = "## Claims 2 and 3: relative action g
                   "overestimation, variant": significant(r["variant_overestimation"]),
                   "overestimation, baseline": significant(r["baseline_overestimation"]),
                   "% decrease": significant(r["overestimation_decrease_pct"])} for r in pair]
-        lines += [f"{title.split()[0]}# {variant} vs {baseline}", "", ("; ".join(summary) or "no game has both statistics on both sides") + ".",
+        lines += [f"{title.split()[0]}# {variant} vs {baseline}", "",
+                  ("; ".join(summary) or "no game has both statistics on both sides") + ".",
                   "", markdown_table(cells, list(cells[0])), ""]
     return lines
 
@@ -1213,7 +1217,8 @@ def main(args: Args):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)!r} does not exist")
     for name in ("out_dir", "records_dir"):
         folder = getattr(args, name)
-        if folder is not None and os.path.exists(folder) and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        writable = folder is None or not os.path.exists(folder) or (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK))
+        if not writable:
             fail(f"--{name.replace('_', '-')} {folder!r} is not a folder this user can write into (checked before reading the runs)")
     for name in ("reps", "curve_reps", "curve_points", "workers"):
         if getattr(args, name) < 1:
@@ -1240,7 +1245,8 @@ def main(args: Args):
     os.makedirs(args.out_dir, exist_ok=True)
     if args.records_dir is not None:
         added = write_records(runs, args.records_dir)
-        print(f"{count(len(added), 'new record')} in {args.records_dir} ({sum(r.final is not None for r in runs)} finished runs kept)")
+        kept = sum(r.final is not None for r in runs)
+        print(f"{count(len(added), 'new record')} in {args.records_dir} ({kept} finished runs kept)")
     minatar = set(minatar_games.values())
     atari_runs = [r for r in runs if r.game not in minatar]
     variants = by_variant(runs)

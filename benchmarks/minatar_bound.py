@@ -81,15 +81,16 @@ def measure(env_id: str, steps: int, learning_starts: int) -> dict:
             script.main(script.parse_args(flags))
         finally:
             os.chdir(here)
-            script.make_train_envs, script.act, script.update, script.ReplayBuffer.sample = make_envs, script.act.__wrapped__, \
-                update, sample
+            script.make_train_envs, script.act, script.update = make_envs, script.act.__wrapped__, update
+            script.ReplayBuffer.sample = sample
     wall = clock["last"] - clock["first"]
     # the sample of the first update was drawn before its clock started, and that of each later one inside the span
     bound = clock["update"] + sample_clock["seconds"] + clock["act"] + clock["env"]
     return {"env_id": env_id, "steps": steps, "learning_starts": learning_starts, "updates": clock["updates"],
             "loop_seconds": wall, "bound_seconds": bound, "share_of_bound": bound / wall,
             "update_ms": 1e3 * (clock["update"] + sample_clock["seconds"]) / max(1, clock["update_calls"]),
-            "act_us": 1e6 * clock["act"] / max(1, clock["act_calls"]), "env_us": 1e6 * clock["env"] / max(1, clock["env_calls"]),
+            "act_us": 1e6 * clock["act"] / max(1, clock["act_calls"]),
+            "env_us": 1e6 * clock["env"] / max(1, clock["env_calls"]),
             "act_calls": clock["act_calls"], "env_calls": clock["env_calls"],
             "seconds_per_part": {"update": clock["update"] + sample_clock["seconds"], "act": clock["act"], "env": clock["env"],
                                  "rest_of_loop": wall - bound},
@@ -112,8 +113,8 @@ def main():
         row = measure(env_id, args.steps, args.learning_starts)
         rows.append(row)
         print(f"{env_id}: {row['sps']:,.0f} steps/s; update {row['update_ms']:.3f} ms x {row['updates']:,}, act "
-              f"{row['act_us']:.1f} us and env {row['env_us']:.1f} us x {row['env_calls']:,}: bound {row['bound_seconds']:.1f} s "
-              f"of the loop's {row['loop_seconds']:.1f} s, share {row['share_of_bound']:.3f}")
+              f"{row['act_us']:.1f} us and env {row['env_us']:.1f} us x {row['env_calls']:,}: bound "
+              f"{row['bound_seconds']:.1f} s of the loop's {row['loop_seconds']:.1f} s, share {row['share_of_bound']:.3f}")
     if args.json is not None:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
