@@ -889,7 +889,7 @@ def plot_minatar_aggregate(rows: list, aucs: dict, path: str):
     save(fig, path)
 
 
-def minatar_sections(variants: dict, all_games: list, problems: list, args: Args) -> tuple:
+def minatar_sections(variants: dict, all_games: list, args: Args) -> tuple:
     """The MinAtar runs' tables, figures and report lines: (report lines, figures, what is missing)."""
     per_game, aucs, notes = minatar_per_game(variants)
     write_csv(os.path.join(args.out_dir, "minatar_per_game.csv"), per_game, MINATAR_GAME_COLUMNS)
@@ -1257,7 +1257,7 @@ def main(args: Args):
         missing = problems
     if len(atari_runs) < len(runs):
         lines, more_figures, more_missing = minatar_sections(by_variant([r for r in runs if r.game in minatar]),
-                                                             sorted(minatar), [], args)
+                                                             sorted(minatar), args)
         report, figures, missing = report + lines, figures + more_figures, missing + more_missing
 
     summary = [dict(variant=v, algo=rs[0].algo, me_coef=rs[0].k, games=len({r.game for r in rs}),

@@ -78,8 +78,7 @@ declare -A VARIANT_ROW=([dqn]="DQN (Adam, sse)" [ib_dqn]="IB-DQN(k), k = |A|" [i
 # (plotting/plot_hypers_perf.py; with --algos dqn --k 0,1,32,64,128,256,512,1024 it is their whole sweep)
 declare -A GAME_SETS=([atari5]="battle_zone double_dunk name_this_game phoenix qbert"
                       [atari11]="battle_zone double_dunk name_this_game phoenix qbert alien asterix seaquest space_invaders wizard_of_wor zaxxon"
-                      [k_sensitivity]="name_this_game demon_attack star_gunner"
-                      [minatar]="minatar_asterix minatar_breakout minatar_freeway minatar_seaquest minatar_space_invaders")
+                      [k_sensitivity]="name_this_game demon_attack star_gunner")
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 log() { echo "run_all.sh: $*"; }
@@ -244,6 +243,7 @@ while IFS=, read -r game id; do
   [ "$game" = game ] && continue
   env_id[$game]=$id
   minatar_game[$game]=1
+  GAME_SETS[minatar]+="${GAME_SETS[minatar]:+ }$game"  # the set minatar: every game of minatar5.csv
 done <"$MINATAR_CSV"
 if [ -n "$games_file" ]; then
   [ -f "$games_file" ] || die "--games-file '$games_file' does not exist"

@@ -26,11 +26,11 @@ sys.path.insert(0, ROOT)
 import dqn_minatar_meanexp as script  # noqa: E402
 from longrun import machine  # noqa: E402  (the CPU's model for the result)
 
-PARTS = ("update", "act", "env")
+PARTS = ("update", "sample", "act", "env")  # the sample is drawn before update() is called (its argument)
 
 
 def timing(clock: dict, part: str, fn):
-    """fn, whose calls add their seconds to clock[part] and stamp clock's first and last update."""
+    """fn, whose calls from the first update on add their seconds to clock[part]; updates stamp the span's ends."""
     @functools.wraps(fn)
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -49,28 +49,15 @@ def timing(clock: dict, part: str, fn):
 def measure(env_id: str, steps: int, learning_starts: int) -> dict:
     clock = dict.fromkeys(PARTS, 0.0) | dict.fromkeys((f"{p}_calls" for p in PARTS), 0) | {"first": 0.0, "last": 0.0,
                                                                                          "updates": 0}
-    make_envs = script.make_train_envs
+    make_envs, act, update, sample = script.make_train_envs, script.act, script.update, script.ReplayBuffer.sample
 
     def make_timed_envs(args, run_dir):
         envs = make_envs(args, run_dir)
         envs.step = timing(clock, "env", envs.step)
         return envs
 
-    update, sample = script.update, script.ReplayBuffer.sample
-    script.make_train_envs, script.act = make_timed_envs, timing(clock, "act", script.act)
-    script.update = timing(clock, "update", lambda network, target, optimizer, batch, *rest: update(network, target,
-                                                                                                    optimizer, batch, *rest))
-    # the sample is drawn before update() is called (its argument): it counts as update time, as bench.py counts it
-    script.ReplayBuffer.sample = lambda rb, *a: timed_sample(rb, *a)
-    sample_clock = {"seconds": 0.0}
-
-    def timed_sample(rb, *a):
-        start = time.perf_counter()
-        batch = sample(rb, *a)
-        if clock["first"]:
-            sample_clock["seconds"] += time.perf_counter() - start
-        return batch
-
+    script.make_train_envs, script.act = make_timed_envs, timing(clock, "act", act)
+    script.update, script.ReplayBuffer.sample = timing(clock, "update", update), timing(clock, "sample", sample)
     flags = ["--env-id", env_id, "--no-cuda", "--run-name", "bench", "--total-timesteps", str(learning_starts + steps),
              "--learning-starts", str(learning_starts), "--eval-interval", "0", "--final-eval-episodes", "1",
              "--checkpoint-interval", "0", "--no-checkpoint-buffer", "--start-e", "0.01", "--end-e", "0.01"]
@@ -81,18 +68,18 @@ def measure(env_id: str, steps: int, learning_starts: int) -> dict:
             script.main(script.parse_args(flags))
         finally:
             os.chdir(here)
-            script.make_train_envs, script.act, script.update = make_envs, script.act.__wrapped__, update
-            script.ReplayBuffer.sample = sample
+            script.make_train_envs, script.act, script.update, script.ReplayBuffer.sample = make_envs, act, update, sample
     wall = clock["last"] - clock["first"]
-    # the sample of the first update was drawn before its clock started, and that of each later one inside the span
-    bound = clock["update"] + sample_clock["seconds"] + clock["act"] + clock["env"]
+    # the first update's sample was drawn before the span began; every later one inside it counts as update time
+    update_seconds = clock["update"] + clock["sample"]
+    bound = update_seconds + clock["act"] + clock["env"]
     return {"env_id": env_id, "steps": steps, "learning_starts": learning_starts, "updates": clock["updates"],
             "loop_seconds": wall, "bound_seconds": bound, "share_of_bound": bound / wall,
-            "update_ms": 1e3 * (clock["update"] + sample_clock["seconds"]) / max(1, clock["update_calls"]),
+            "update_ms": 1e3 * update_seconds / max(1, clock["update_calls"]),
             "act_us": 1e6 * clock["act"] / max(1, clock["act_calls"]),
             "env_us": 1e6 * clock["env"] / max(1, clock["env_calls"]),
             "act_calls": clock["act_calls"], "env_calls": clock["env_calls"],
-            "seconds_per_part": {"update": clock["update"] + sample_clock["seconds"], "act": clock["act"], "env": clock["env"],
+            "seconds_per_part": {"update": update_seconds, "act": clock["act"], "env": clock["env"],
                                  "rest_of_loop": wall - bound},
             "sps": steps / wall}  # agent steps: env_calls also counts the autoreset steps between episodes
 
