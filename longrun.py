@@ -301,7 +301,9 @@ def recorded_settings(settings: dict, run_dir: str, resumed: Optional[dict]) -> 
     previous = read_config(run_dir)
     resume = {"step": resumed[STEP], "time": time.time(), "command": settings["command"], "device": settings["device"],
               "code": settings["code"], "machine": settings["machine"]}
-    kept = {name: previous[name] for name in ("command", "code", "machine", "wandb_run_id") if name in previous}
+    # the run's own command, code and machine are its first start's; a record older than a field says None, not this one's
+    kept = {name: previous.get(name) for name in ("command", "code", "machine")}
+    kept |= {"wandb_run_id": previous["wandb_run_id"]} if "wandb_run_id" in previous else {}
     return {**settings, **kept, "resumes": previous.get("resumes", []) + [resume]}
 
 

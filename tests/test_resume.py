@@ -357,3 +357,16 @@ def test_a_checkpoint_written_by_an_earlier_version_still_resumes(tmp_path, algo
     assert final_a["scores"] == final_b["scores"] and final_a["overestimation"] == final_b["overestimation"]
     config = json.loads((tmp_path / "runs/cut/config.json").read_text())  # the old run's config.json, one resume more
     assert [r["step"] for r in config["resumes"]] == [stopped_at] and config["algo"] == algo
+
+
+def test_a_resume_records_its_own_code_and_machine_and_never_lends_them_to_the_run(tmp_path):
+    """config.json's command, code and machine are the run's first start's. A run started before those were recorded says
+    None, not the resuming process's: its first steps ran on code this process cannot name. The resume lists its own."""
+    import longrun
+
+    (tmp_path / "config.json").write_text(json.dumps({"algo": "dqn", "command": "first", "device": "cpu"}))  # no code, machine
+    settings = longrun.recorded_settings({"device": "cpu"}, str(tmp_path), {longrun.STEP: 750})
+    assert (settings["command"], settings["code"], settings["machine"]) == ("first", None, None)
+    (resume,) = settings["resumes"]
+    assert resume["step"] == 750 and resume["machine"] == longrun.machine() and resume["code"] == longrun.code_version()
+    assert resume["code"] is not None  # the tests run from a git checkout
