@@ -889,6 +889,44 @@ def plot_minatar_aggregate(rows: list, aucs: dict, path: str):
     save(fig, path)
 
 
+def minatar_summary(per_game: list, aggregate: list, claims: list) -> list:
+    """The report's summary of each comparison, the lines the README and docs/minatar.md copy (a test holds them equal):
+    per game both sides' AUC (± 1.96 standard errors over seeds from 2 seeds on) and the two claim numbers, then the
+    aggregate's IQM and probability of improvement with their 95% bootstrap intervals."""
+    def auc(variant, game):
+        row = next((r for r in per_game if r["variant"] == variant and r["game"] == game), None)
+        if row is None:
+            return "-"
+        return f"{row['auc']:.1f} ± {row['auc_ci']:.1f} ({row['n_seeds']} seeds)" if row["n_seeds"] > 1 else f"{row['auc']:.1f}"
+
+    def number(value, form):
+        return "-" if value is None else format(value, form)
+
+    k = {r["variant"]: r["me_coef"] for r in per_game}
+    lines = []
+    for variant, baseline in dict.fromkeys((c["variant"], c["baseline"]) for c in claims):
+        sides = [f"AUC, {name} (k = {k.get(name, '?')})".replace("|", "\\|") for name in (baseline, variant)]
+        lines += [f"| game | {sides[0]} | {sides[1]} | relative action gap increase | overestimation decrease |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['game']} | {auc(baseline, c['game'])} | {auc(variant, c['game'])} | "
+                  f"{number(c['relative_action_gap_increase'], '+.4f')} | {number(c['overestimation_decrease_pct'], '.0f')}% |"
+                  for c in claims if (c["variant"], c["baseline"]) == (variant, baseline)]
+        found = {(r["variant"], r["metric"]): r for r in aggregate if r["comparison"] == f"{variant} vs {baseline}"}
+
+        def estimate(side, metric, form):
+            r, seeds = found[(side, metric)], min(found[(name, "iqm_normalized_auc")]["seeds"] for name in (variant, baseline))
+            return (f"{r['value']:{form}} (95% interval {r['ci_low']:{form}} to {r['ci_high']:{form}})" if seeds > 1
+                    else f"{r['value']:{form}} (no interval: one seed)")
+
+        if (variant, "iqm_normalized_auc") in found:
+            lines += ["", f"IQM of the baseline-normalized AUC over {found[(variant, 'iqm_normalized_auc')]['games']} games: "
+                      f"{variant} {estimate(variant, 'iqm_normalized_auc', '.2f')}, {baseline} "
+                      f"{estimate(baseline, 'iqm_normalized_auc', '.2f')}; probability of improvement "
+                      f"{estimate(variant, 'probability_of_improvement', '.2f')}."]
+        lines.append("")
+    return lines
+
+
 def minatar_sections(variants: dict, all_games: list, args: Args) -> tuple:
     """The MinAtar runs' tables, figures and report lines: (report lines, figures, what is missing)."""
     per_game, aucs, notes = minatar_per_game(variants)
@@ -911,7 +949,7 @@ def minatar_sections(variants: dict, all_games: list, args: Args) -> tuple:
               "evaluations": f"{r['points']} to {r['last_step']:,}",
               "final score (95% interval)": f"{r['final_mean']:.2f} ± {r['final_ci']:.2f} ({r['finished']} finished)"}
              for r in per_game]
-    lines = ["## MinAtar", "",
+    lines = ["## MinAtar", "", "### Summary", "", *minatar_summary(per_game, aggregate, claims),
              "AUC: per seed, the mean of its evaluation scores over the evaluation steps all the seeds of its game and "
              "variant have; per game, the mean over seeds (the authors' AUC, plotting/plot_hypers_perf.py), ± 1.96 standard "
              "errors over seeds. Final score: the best network's final evaluation. Every number: `minatar_per_game.csv`.", "",

@@ -477,6 +477,13 @@ def test_minatar_aucs_intervals_and_the_normalized_iqm_equal_a_hand_computation(
     assert "## MinAtar" in report and "## Aggregate human-normalized" not in report  # no human scores on MinAtar
     assert "### Claims 2 and 3 on MinAtar" in report and "#### IB-DQN(k) vs DQN" in report
     assert "IB-DQN(k), minatar_freeway, seed 4: unfinished" in report
+    # the summary the README copies: both sides' AUC with their intervals and the claim numbers, per game
+    cell = {key: f"{a.mean():.1f} ± {1.959963984540054 * a.std(ddof=1) / 2:.1f} (4 seeds)" for key, a in seed_aucs.items()}
+    assert (f"| minatar_breakout | {cell[('DQN', 'minatar_breakout')]} | {cell[('IB-DQN(k)', 'minatar_breakout')]} | "
+            "+0.2500 | 50% |") in report
+    assert "| game | AUC, DQN (k = 0) | AUC, IB-DQN(k) (k = \\|A\\|) | relative action gap increase |" in report
+    value, low, high, _ = aggregate(table, "IB-DQN(k)", "iqm_normalized_auc")
+    assert f"over 2 games: IB-DQN(k) {value:.2f} (95% interval {low:.2f} to {high:.2f}), DQN 1.00 (95% interval" in report
     for name in ("minatar_curves.png", "minatar_aggregate.png", "minatar_claims_relative_action_gap_increase_ib_dqn_k_vs_dqn.png"):
         assert f"![{name}]({name})" in report and image.imread(str(tmp_path / "out" / name)).size > 0
 
@@ -505,3 +512,33 @@ def test_records_of_finished_runs_reproduce_the_tables_and_name_their_machine(tm
         assert read_csv(tmp_path / "from_records" / table) == read_csv(tmp_path / "from_runs" / table), table
     report = (tmp_path / "from_records" / "report.md").read_text()
     assert "## MinAtar" in report and "## Aggregate human-normalized scores" in report  # both suites, each its own tables
+
+
+def summary_block(report: str) -> list:
+    """A report's MinAtar summary as its paragraphs: each comparison's table, then its aggregate line."""
+    block = report.split("### Summary\n", 1)[1].split("\nAUC: per seed", 1)[0]
+    return [part.strip("\n") for part in block.split("\n\n") if part.strip()]
+
+
+def test_the_committed_minatar_results_are_their_records_and_the_readme_copies_them_unchanged(tmp_path):
+    """docs/minatar is what plot_results.py makes of the records in results/minatar, and the README and docs/minatar.md
+    carry its summary (per game both AUCs and the claim numbers, the aggregate) word for word: numbers never retyped."""
+    records, committed = os.path.join(ROOT, "results", "minatar"), os.path.join(ROOT, "docs", "minatar")
+    plot(records, tmp_path / "out")
+    for table in ("minatar_per_game.csv", "minatar_aggregate.csv", "minatar_claims.csv"):
+        made, kept = read_csv(tmp_path / "out" / table), read_csv(os.path.join(committed, table))
+        assert [list(r) for r in made] == [list(r) for r in kept] and len(made) == len(kept), table
+        for new, old in zip(made, kept):
+            for column, value in old.items():  # floats to 1e-9: a sum's order may differ on another CPU's SIMD
+                try:
+                    assert float(new[column]) == pytest.approx(float(value), rel=1e-9, nan_ok=True), (table, column)
+                except ValueError:
+                    assert new[column] == value, (table, column)
+    with open(os.path.join(committed, "report.md")) as f:
+        summary = summary_block(f.read())
+    assert summary == summary_block((tmp_path / "out" / "report.md").read_text())
+    assert len(summary) == 2 and len(summary[0].splitlines()) == 2 + 5  # the table (header, rule, 5 games), the aggregate
+    for page in ("README.md", os.path.join("docs", "minatar.md")):
+        with open(os.path.join(ROOT, page)) as f:
+            text = f.read()
+        assert [part for part in summary if f"\n{part}\n" not in text] == [], page
