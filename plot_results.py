@@ -376,16 +376,34 @@ def run_claims(run: Run) -> dict:
     return {key: float(np.mean(run.curves[tag][1])) if len(run.curves[tag][1]) else None for key, tag in CLAIM_TAGS.items()}
 
 
-def claim_side(runs: list, key: str) -> tuple:
-    """(the mean over seeds of a run_claims number, how many runs have it): the authors' mean over their score files."""
-    values = [c[key] for c in map(run_claims, runs) if c[key] is not None]
-    return (float(np.mean(values)) if values else None), len(values)
+def claim_side(runs: list, key: str) -> list:
+    """The run_claims number of each run that has it: the authors average these over their score files."""
+    return [c[key] for c in map(run_claims, runs) if c[key] is not None]
 
 
-def claim_rows(variants: dict) -> list:
+CLAIM_NUMBERS = {  # per game, from the two sides' per-run numbers v and b (arrays whose last axis is the runs)
+    "relative_action_gap_increase": ("relative_action_gap", lambda v, b: v.mean(-1) - b.mean(-1)),
+    "overestimation_decrease_pct": ("overestimation", lambda v, b: -(v.mean(-1) - b.mean(-1)) / (np.abs(b.mean(-1)) + 1e-8) * 100),
+}
+
+
+def claim_interval(number, v: list, b: list, reps: int, seed: int) -> tuple:
+    """A claim number's 95% percentile bootstrap interval over seeds: each side's runs resampled with replacement, on its
+    own (the two sides are independent runs); (None, None) unless both sides have 2 runs or more."""
+    if len(v) < 2 or len(b) < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    v, b = np.asarray(v), np.asarray(b)
+    draws = number(v[rng.integers(0, len(v), (reps, len(v)))], b[rng.integers(0, len(b), (reps, len(b)))])
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def claim_rows(variants: dict, reps: int = 2000, seed: int = 0) -> list:
     """claims.csv: per mean-expansion variant, baseline and game (both run), the authors' two per-game numbers:
     relative action gap increase = variant - baseline; % decrease in overestimation = -(variant - baseline) /
-    (|baseline| + 1e-8) x 100. Empty where a side has no run with the statistic (runs older than it)."""
+    (|baseline| + 1e-8) x 100; each with its 95% bootstrap interval over seeds (ours: the authors give none). Empty
+    where a side has no run with the statistic (runs older than it)."""
     rows = []
     for variant, baseline in comparisons(variants):
         by_game = {name: collections.defaultdict(list) for name in (variant, baseline)}
@@ -393,14 +411,15 @@ def claim_rows(variants: dict) -> list:
             for run in variants[name]:
                 by_game[name][run.game].append(run)
         for game in sorted(by_game[variant].keys() & by_game[baseline].keys()):
-            row = dict(variant=variant, baseline=baseline, game=game)
+            row, values = dict(variant=variant, baseline=baseline, game=game), {}
             for key in CLAIM_TAGS:
-                (v, v_runs), (b, b_runs) = (claim_side(by_game[name][game], key) for name in (variant, baseline))
-                row |= {f"variant_{key}": v, f"baseline_{key}": b, f"variant_{key}_runs": v_runs, f"baseline_{key}_runs": b_runs}
-            v, b = row["variant_relative_action_gap"], row["baseline_relative_action_gap"]
-            row["relative_action_gap_increase"] = v - b if v is not None and b is not None else None
-            v, b = row["variant_overestimation"], row["baseline_overestimation"]
-            row["overestimation_decrease_pct"] = -(v - b) / (abs(b) + 1e-8) * 100 if v is not None and b is not None else None
+                values[key] = v, b = [claim_side(by_game[name][game], key) for name in (variant, baseline)]
+                row |= {f"variant_{key}": float(np.mean(v)) if v else None, f"baseline_{key}": float(np.mean(b)) if b else None,
+                        f"variant_{key}_runs": len(v), f"baseline_{key}_runs": len(b)}
+            for name, (key, number) in CLAIM_NUMBERS.items():
+                v, b = values[key]
+                row[name] = float(number(np.array(v), np.array(b))) if v and b else None
+                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = claim_interval(number, v, b, reps, seed)
             rows.append(row)
     return rows
 
@@ -891,26 +910,32 @@ def plot_minatar_aggregate(rows: list, aucs: dict, path: str):
 
 def minatar_summary(per_game: list, aggregate: list, claims: list) -> list:
     """The report's summary of each comparison, the lines the README and docs/minatar.md copy (a test holds them equal):
-    per game both sides' AUC (± 1.96 standard errors over seeds from 2 seeds on) and the two claim numbers, then the
-    aggregate's IQM and probability of improvement with their 95% bootstrap intervals."""
+    per game both sides' AUC (± 1.96 standard errors over seeds from 2 seeds on) and the two claim numbers with their 95%
+    bootstrap intervals over seeds, then the aggregate's IQM and probability of improvement with their 95% bootstrap
+    intervals, and on how many games each claim's number, and its interval, is above 0."""
     def auc(variant, game):
         row = next((r for r in per_game if r["variant"] == variant and r["game"] == game), None)
         if row is None:
             return "-"
         return f"{row['auc']:.1f} ± {row['auc_ci']:.1f} ({row['n_seeds']} seeds)" if row["n_seeds"] > 1 else f"{row['auc']:.1f}"
 
-    def number(value, form):
-        return "-" if value is None else format(value, form)
+    def number(row, name, form):
+        value, low, high = row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"]
+        if value is None:
+            return "-"
+        return format(value, form) + (f" ({low:{form}} to {high:{form}})" if low is not None else "")
 
     k = {r["variant"]: r["me_coef"] for r in per_game}
-    lines = []
+    lines = ["AUC: ± 1.96 standard errors over seeds (the authors' interval). Claim numbers: in brackets their 95% "
+             "bootstrap interval over seeds (ours). Both from 2 seeds on.", ""]
     for variant, baseline in dict.fromkeys((c["variant"], c["baseline"]) for c in claims):
         sides = [f"AUC, {name} (k = {k.get(name, '?')})".replace("|", "\\|") for name in (baseline, variant)]
-        lines += [f"| game | {sides[0]} | {sides[1]} | relative action gap increase | overestimation decrease |",
+        pair = [c for c in claims if (c["variant"], c["baseline"]) == (variant, baseline)]
+        lines += [f"| game | {sides[0]} | {sides[1]} | relative action gap increase | overestimation decrease, % |",
                   "|---|---|---|---|---|"]
         lines += [f"| {c['game']} | {auc(baseline, c['game'])} | {auc(variant, c['game'])} | "
-                  f"{number(c['relative_action_gap_increase'], '+.4f')} | {number(c['overestimation_decrease_pct'], '.0f')}% |"
-                  for c in claims if (c["variant"], c["baseline"]) == (variant, baseline)]
+                  f"{number(c, 'relative_action_gap_increase', '+.4f')} | {number(c, 'overestimation_decrease_pct', '.0f')} |"
+                  for c in pair]
         found = {(r["variant"], r["metric"]): r for r in aggregate if r["comparison"] == f"{variant} vs {baseline}"}
 
         def estimate(side, metric, form):
@@ -923,6 +948,15 @@ def minatar_summary(per_game: list, aggregate: list, claims: list) -> list:
                       f"{variant} {estimate(variant, 'iqm_normalized_auc', '.2f')}, {baseline} "
                       f"{estimate(baseline, 'iqm_normalized_auc', '.2f')}; probability of improvement "
                       f"{estimate(variant, 'probability_of_improvement', '.2f')}."]
+        counts = []
+        for name, what in (("relative_action_gap_increase", "relative action gap larger"),
+                           ("overestimation_decrease_pct", "overestimation smaller")):
+            have = [c for c in pair if c[name] is not None]
+            above = [c for c in have if c[f"{name}_ci_low"] is not None]
+            counts.append(f"{what} on {sum(c[name] > 0 for c in have)} of {len(have)} games" +
+                          (f", its interval above 0 on {sum(c[f'{name}_ci_low'] > 0 for c in above)} and below 0 on "
+                           f"{sum(c[f'{name}_ci_high'] < 0 for c in above)} of the {len(above)} with one" if above else ""))
+        lines += ["", f"{variant} against {baseline}: " + "; ".join(counts) + "."]
         lines.append("")
     return lines
 
@@ -933,7 +967,7 @@ def minatar_sections(variants: dict, all_games: list, args: Args) -> tuple:
     write_csv(os.path.join(args.out_dir, "minatar_per_game.csv"), per_game, MINATAR_GAME_COLUMNS)
     aggregate, aggregate_notes = minatar_aggregate(variants, aucs, args)
     write_csv(os.path.join(args.out_dir, "minatar_aggregate.csv"), aggregate, MINATAR_AGGREGATE_COLUMNS)
-    claims = claim_rows(variants)
+    claims = claim_rows(variants, args.reps, args.seed)
     write_csv(os.path.join(args.out_dir, "minatar_claims.csv"), claims, CLAIM_COLUMNS)
     figures = []
     plot_minatar_curves(variants, os.path.join(args.out_dir, "minatar_curves.png"))
@@ -1041,6 +1075,12 @@ def significant(value) -> str:
     return "missing" if value is None else f"{value:.4g}"
 
 
+def with_interval(row: dict, name: str) -> str:
+    """A claim number and, where it has one, its 95% interval over seeds."""
+    low, high = row[f"{name}_ci_low"], row[f"{name}_ci_high"]
+    return significant(row[name]) + (f" ({low:.4g} to {high:.4g})" if low is not None else "")
+
+
 def claims_report(rows: list, title: str = "## Claims 2 and 3: relative action gap and overestimation (the authors' "
                   "computation)", table: str = "claims.csv") -> list:
     """report.md's section on claims 2 and 3, computed as the authors compute them, one table per comparison."""
@@ -1050,6 +1090,8 @@ def claims_report(rows: list, title: str = "## Claims 2 and 3: relative action g
              "of the evaluation's overestimation (`eval/overestimation`); per game, the mean over seeds. Increase: variant - "
              "baseline (unclipped; the authors' figure clips it to "
              f"{AUTHORS_GAP_CLIP}). % decrease in overestimation: -(variant - baseline) / (|baseline| + 1e-8) x 100. "
+             "In brackets (ours; the authors give none), from 2 runs a side: the 95% percentile bootstrap interval over "
+             "seeds, each side's runs resampled on their own. "
              f"`missing`: no run of that side has the statistic (runs older than it). Every number: `{table}`.", ""]
     if not rows:
         return lines + ["No game has runs of a mean-expansion variant and its baseline: nothing to compare.", ""]
@@ -1066,10 +1108,10 @@ def claims_report(rows: list, title: str = "## Claims 2 and 3: relative action g
                            f"{np.median(over):.3g}%)")
         cells = [{"game": r["game"], "gap, variant": significant(r["variant_relative_action_gap"]),
                   "gap, baseline": significant(r["baseline_relative_action_gap"]),
-                  "gap increase": significant(r["relative_action_gap_increase"]),
+                  "gap increase": with_interval(r, "relative_action_gap_increase"),
                   "overestimation, variant": significant(r["variant_overestimation"]),
                   "overestimation, baseline": significant(r["baseline_overestimation"]),
-                  "% decrease": significant(r["overestimation_decrease_pct"])} for r in pair]
+                  "% decrease": with_interval(r, "overestimation_decrease_pct")} for r in pair]
         lines += [f"{title.split()[0]}# {variant} vs {baseline}", "",
                   ("; ".join(summary) or "no game has both statistics on both sides") + ".",
                   "", markdown_table(cells, list(cells[0])), ""]
@@ -1145,8 +1187,9 @@ GAME_COLUMNS = ["variant", "algo", "me_coef", "game", "seeds", "n_seeds", "mean"
 AGGREGATE_COLUMNS = ["variant", "algo", "me_coef", "metric", "value", "ci_low", "ci_high", "games", "seeds"]
 OVERESTIMATION_COLUMNS = ["variant", "statistic", "median_over_games", "mean_over_games", "games"]
 CLAIM_COLUMNS = ["variant", "baseline", "game", "variant_relative_action_gap", "baseline_relative_action_gap",
-                 "relative_action_gap_increase", "variant_overestimation", "baseline_overestimation",
-                 "overestimation_decrease_pct", "variant_relative_action_gap_runs", "baseline_relative_action_gap_runs",
+                 "relative_action_gap_increase", "relative_action_gap_increase_ci_low", "relative_action_gap_increase_ci_high",
+                 "variant_overestimation", "baseline_overestimation", "overestimation_decrease_pct",
+                 "overestimation_decrease_pct_ci_low", "overestimation_decrease_pct_ci_high", "variant_relative_action_gap_runs", "baseline_relative_action_gap_runs",
                  "variant_overestimation_runs", "baseline_overestimation_runs"]
 MINATAR_GAME_COLUMNS = ["variant", "me_coef", "game", "seeds", "n_seeds", "points", "last_step", "auc", "auc_ci", "final_mean",
                         "final_ci", "finished"]
@@ -1163,7 +1206,7 @@ def atari_sections(variants: dict, runs: list, game_scores: dict, problems: list
     write_csv(os.path.join(args.out_dir, "aggregate.csv"), aggregates, AGGREGATE_COLUMNS)
     overestimation = overestimation_rows(per_game)
     write_csv(os.path.join(args.out_dir, "overestimation.csv"), overestimation, OVERESTIMATION_COLUMNS)
-    claims = claim_rows(variants)
+    claims = claim_rows(variants, args.reps, args.seed)
     write_csv(os.path.join(args.out_dir, "claims.csv"), claims, CLAIM_COLUMNS)
     sweeps, sweep_notes = k_sensitivity(runs, game_scores)
     write_csv(os.path.join(args.out_dir, "k_sensitivity.csv"), sweeps, K_SENSITIVITY_COLUMNS)

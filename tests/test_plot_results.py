@@ -364,8 +364,15 @@ def test_claims_2_and_3_are_whole_run_means_compared_per_game_as_the_authors_plo
     dqn_over, ib_over = (3.0 + 5.0) / 2, (1.0 + 2.0) / 2
     assert float(breakout["overestimation_decrease_pct"]) == -(ib_over - dqn_over) / (abs(dqn_over) + 1e-8) * 100
     assert breakout["variant_relative_action_gap_runs"] == "2" and breakout["baseline_overestimation_runs"] == "2"
+    # the 95% bootstrap interval over seeds: each side's 2 runs resampled; the extremes (both draws of one run, 1 in 16
+    # resamples a side, far above 2.5%) bound it: the gap's increase from 0.625 - 0.5 to 1.0 - 0.25
+    interval = [float(breakout[f"relative_action_gap_increase_ci_{end}"]) for end in ("low", "high")]
+    assert interval == [0.125, 0.75]
+    interval = [float(breakout[f"overestimation_decrease_pct_ci_{end}"]) for end in ("low", "high")]
+    assert interval == pytest.approx([-(2.0 - 3.0) / (3.0 + 1e-8) * 100, -(1.0 - 5.0) / (5.0 + 1e-8) * 100], rel=1e-12)
     pong = claims["pong"]
     assert pong["variant_relative_action_gap"] == "" and pong["relative_action_gap_increase"] == ""
+    assert pong["relative_action_gap_increase_ci_low"] == "" and pong["overestimation_decrease_pct_ci_low"] != ""
     assert float(pong["baseline_relative_action_gap"]) == dqn_gap and pong["overestimation_decrease_pct"] != ""
     report = (tmp_path / "out" / "report.md").read_text()
     section = report.split("## Claims 2 and 3")[1].split("\n## ")[0]
@@ -473,6 +480,7 @@ def test_minatar_aucs_intervals_and_the_normalized_iqm_equal_a_hand_computation(
     claims = {r["game"]: r for r in read_csv(tmp_path / "out" / "minatar_claims.csv")}
     assert float(claims["minatar_breakout"]["relative_action_gap_increase"]) == 0.25
     assert float(claims["minatar_freeway"]["overestimation_decrease_pct"]) == pytest.approx(50.0)
+    assert float(claims["minatar_breakout"]["relative_action_gap_increase_ci_low"]) == 0.25  # equal seeds: no spread
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## MinAtar" in report and "## Aggregate human-normalized" not in report  # no human scores on MinAtar
     assert "### Claims 2 and 3 on MinAtar" in report and "#### IB-DQN(k) vs DQN" in report
@@ -480,10 +488,12 @@ def test_minatar_aucs_intervals_and_the_normalized_iqm_equal_a_hand_computation(
     # the summary the README copies: both sides' AUC with their intervals and the claim numbers, per game
     cell = {key: f"{a.mean():.1f} ± {1.959963984540054 * a.std(ddof=1) / 2:.1f} (4 seeds)" for key, a in seed_aucs.items()}
     assert (f"| minatar_breakout | {cell[('DQN', 'minatar_breakout')]} | {cell[('IB-DQN(k)', 'minatar_breakout')]} | "
-            "+0.2500 | 50% |") in report
+            "+0.2500 (+0.2500 to +0.2500) | 50 (50 to 50) |") in report  # every seed has the same claim numbers
     assert "| game | AUC, DQN (k = 0) | AUC, IB-DQN(k) (k = \\|A\\|) | relative action gap increase |" in report
     value, low, high, _ = aggregate(table, "IB-DQN(k)", "iqm_normalized_auc")
     assert f"over 2 games: IB-DQN(k) {value:.2f} (95% interval {low:.2f} to {high:.2f}), DQN 1.00 (95% interval" in report
+    assert ("IB-DQN(k) against DQN: relative action gap larger on 2 of 2 games, its interval above 0 on 2 and below 0 on 0 "
+            "of the 2 with one; overestimation smaller on 2 of 2 games, its interval above 0 on 2") in report
     for name in ("minatar_curves.png", "minatar_aggregate.png", "minatar_claims_relative_action_gap_increase_ib_dqn_k_vs_dqn.png"):
         assert f"![{name}]({name})" in report and image.imread(str(tmp_path / "out" / name)).size > 0
 
@@ -537,7 +547,7 @@ def test_the_committed_minatar_results_are_their_records_and_the_readme_copies_t
     with open(os.path.join(committed, "report.md")) as f:
         summary = summary_block(f.read())
     assert summary == summary_block((tmp_path / "out" / "report.md").read_text())
-    assert len(summary) == 2 and len(summary[0].splitlines()) == 2 + 5  # the table (header, rule, 5 games), the aggregate
+    assert len(summary) == 4 and len(summary[1].splitlines()) == 2 + 5  # legend, table (header, rule, 5 games), aggregate, counts
     for page in ("README.md", os.path.join("docs", "minatar.md")):
         with open(os.path.join(ROOT, page)) as f:
             text = f.read()
