@@ -793,9 +793,8 @@ def check_args(args: Args) -> list:
 
 def algo_errors(args: Args) -> list:
     """The checks of this algorithm's own flags (check_args does the rest)."""
-    positive = ("num_tau_samples", "num_tau_prime_samples", "num_quantile_samples", "quantile_embedding_dim", "kappa")
-    return [f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})"
-            for name in positive if not getattr(args, name) > 0]
+    return longrun.range_errors(args, positive=["num_tau_samples", "num_tau_prime_samples", "num_quantile_samples",
+                                                "quantile_embedding_dim", "kappa"])  # kappa = inf: a zero loss
 
 
 def main(args: Args):

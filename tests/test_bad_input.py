@@ -211,3 +211,28 @@ def test_resume_from_the_command_line_exits_2(finished_run):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "iqn_atari_meanexp.py"), "--resume", "runs/done"],
                           cwd=finished_run, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is a run of dqn_atari_meanexp.py" in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["dqn_atari_meanexp", "iqn_atari_meanexp", "dqn_minatar_meanexp", "dqn_meanexp"])
+def test_every_float_flag_of_every_script_refuses_nan_and_infinities_by_name(module, capsys):
+    """NaN and ±inf of any float flag train to NaN or never act (an epsilon, a kappa): each is refused, naming its flag.
+    Every float field of the script's Args, so that a flag added later is held to it too."""
+    import dataclasses
+    import importlib
+
+    script = importlib.import_module(module)
+    names = [f.name for f in dataclasses.fields(script.Args) if f.type in (float, "float")]
+    assert len(names) >= 5
+    missed = []
+    for name in names:
+        for value in (float("nan"), float("inf"), float("-inf")):
+            args, flag = script.Args(**{name: value}), f"--{name.replace('_', '-')}"
+            if module == "dqn_meanexp":  # it refuses with exit 2 itself, naming every error on stderr
+                with pytest.raises(SystemExit) as exit_:
+                    script.check_args(args, [])
+                named = exit_.value.code == 2 and flag in capsys.readouterr().err
+            else:  # the script's checks and longrun's of its own flags, which check_command_line joins
+                named = any(e.startswith(flag) for e in script.check_args(args) + longrun.check_flags(args))
+            if not named:
+                missed.append((name, value))
+    assert missed == []

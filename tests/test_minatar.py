@@ -50,7 +50,7 @@ def test_the_network_is_minatars_with_pfrl_init_and_the_head_last():
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (7, 16, (3, 3), (1, 1))
     assert (linear.in_features, linear.out_features, out.in_features, out.out_features) == (1024, 128, 128, 6)
     assert all(float(layer.bias.detach().abs().max()) == 0.0 for layer in (conv, linear, out))
-    assert abs(float(linear.weight.std()) - 1024**-0.5) < 0.05 * 1024**-0.5  # LeCun normal: std 1/sqrt(fan_in)
+    assert abs(float(linear.weight.detach().std()) - 1024**-0.5) < 0.05 * 1024**-0.5  # LeCun normal: std 1/sqrt(fan_in)
     x = torch.randint(0, 2, (5, 1, 7, 10, 10), dtype=torch.uint8)
     u = net.network(x.flatten(1, 2).float())
     assert torch.equal(net(x), u + 6.0 * u.mean(dim=1, keepdim=True))  # the head: Q = u + k mean u
@@ -163,14 +163,45 @@ def test_without_minatar_the_error_gives_the_install_command(monkeypatch):
     assert "MinAtar is not installed: python -m pip install -r requirements.txt (it pins minatar)" in errors
 
 
+def test_without_minatar_the_command_exits_2_with_the_install_command_and_writes_nothing(tmp_path):
+    """The whole command line, as a user without minatar runs it: importlib finds no minatar (as where it is not
+    installed), and the script refuses before it writes anything."""
+    hide = ("import importlib.util, runpy, sys; find_spec = importlib.util.find_spec; importlib.util.find_spec = "
+            "lambda name, package=None: None if name.split('.')[0] == 'minatar' else find_spec(name, package); "
+            f"sys.path.insert(0, {ROOT!r}); sys.argv = [{SCRIPT!r}, *sys.argv[1:]]; runpy.run_path({SCRIPT!r}, "
+            "run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide, "--env-id", "MinAtar/Breakout-v1", *TINY], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "MinAtar is not installed: python -m pip install -r requirements.txt" in proc.stderr
+    assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == []
+
+
 def test_a_minimal_action_set_with_the_default_k_warns_that_k_is_not_the_full_sets(tmp_path):
     proc = run(tmp_path, *TINY, "--total-timesteps", "300", "--eval-interval", "0", "--no-full-action-space",
                "--run-name", "minimal")
     assert "k defaults to this game's |A| = 3, not to the full set's 6" in proc.stderr
     assert json.loads((tmp_path / "runs/minimal/config.json").read_text())["me_coef"] == 3.0
     quiet = run(tmp_path, *TINY, "--total-timesteps", "300", "--eval-interval", "0", "--no-full-action-space",
-                "--me-coef", "6", "--run-name", "chosen")
+                "--me-coef", "6", "--run-name", "chosen", "--save-model")
     assert "k defaults" not in quiet.stderr
+    # --eval-model: the saved network, on the run's own settings (its minimal action set), replays the final evaluation
+    again = run(tmp_path, "--eval-model", "runs/chosen/dqn_minatar_meanexp.cleanrl_model")
+    assert "evaluation of runs/chosen/dqn_minatar_meanexp.cleanrl_model" in again.stdout
+    final, replay = (json.loads((tmp_path / f"runs/chosen/{name}.json").read_text())
+                     for name in ("final_eval", "dqn_minatar_meanexp_eval_seed1"))
+    keys = ("scores", "lengths", "mean", "overestimation", "normalized_overestimation", "mean_q", "truncated_episodes")
+    assert {k: replay[k] for k in keys} == {k: final[k] for k in keys} and replay["episodes"] == 2
+
+
+def test_ctrl_c_keeps_the_work_with_a_checkpoint_and_exit_130(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-u", SCRIPT, *TINY, "--env-id", "MinAtar/Breakout-v1", "--run-name", "cut",
+                             "--progress-interval", "0.001"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output = interrupt(proc, at_step=400, sig=signal.SIGINT)
+    assert proc.returncode == longrun.EXIT_INTERRUPTED == 130, output
+    assert "signal SIGINT: checkpoint at step" in output and "--resume runs/cut" in output and "Traceback" not in output
+    assert (tmp_path / "runs/cut/checkpoint.pt").exists() and not (tmp_path / "runs/cut/final_eval.json").exists()
 
 
 def test_the_registered_ids_are_minatars_own():
