@@ -919,12 +919,6 @@ def minatar_summary(per_game: list, aggregate: list, claims: list) -> list:
             return "-"
         return f"{row['auc']:.1f} ± {row['auc_ci']:.1f} ({row['n_seeds']} seeds)" if row["n_seeds"] > 1 else f"{row['auc']:.1f}"
 
-    def number(row, name, form):
-        value, low, high = row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"]
-        if value is None:
-            return "-"
-        return format(value, form) + (f" ({low:{form}} to {high:{form}})" if low is not None else "")
-
     k = {r["variant"]: r["me_coef"] for r in per_game}
     lines = ["AUC: ± 1.96 standard errors over seeds (the authors' interval). Claim numbers: in brackets their 95% "
              "bootstrap interval over seeds (ours). Both from 2 seeds on.", ""]
@@ -934,7 +928,8 @@ def minatar_summary(per_game: list, aggregate: list, claims: list) -> list:
         lines += [f"| game | {sides[0]} | {sides[1]} | relative action gap increase | overestimation decrease, % |",
                   "|---|---|---|---|---|"]
         lines += [f"| {c['game']} | {auc(baseline, c['game'])} | {auc(variant, c['game'])} | "
-                  f"{number(c, 'relative_action_gap_increase', '+.4f')} | {number(c, 'overestimation_decrease_pct', '.0f')} |"
+                  f"{with_interval(c, 'relative_action_gap_increase', '+.4f', '-')} | "
+                  f"{with_interval(c, 'overestimation_decrease_pct', '.0f', '-')} |"
                   for c in pair]
         found = {(r["variant"], r["metric"]): r for r in aggregate if r["comparison"] == f"{variant} vs {baseline}"}
 
@@ -1075,10 +1070,12 @@ def significant(value) -> str:
     return "missing" if value is None else f"{value:.4g}"
 
 
-def with_interval(row: dict, name: str) -> str:
+def with_interval(row: dict, name: str, form: str = ".4g", missing: str = "missing") -> str:
     """A claim number and, where it has one, its 95% interval over seeds."""
-    low, high = row[f"{name}_ci_low"], row[f"{name}_ci_high"]
-    return significant(row[name]) + (f" ({low:.4g} to {high:.4g})" if low is not None else "")
+    value, low, high = row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"]
+    if value is None:
+        return missing
+    return format(value, form) + (f" ({low:{form}} to {high:{form}})" if low is not None else "")
 
 
 def claims_report(rows: list, title: str = "## Claims 2 and 3: relative action gap and overestimation (the authors' "
@@ -1189,8 +1186,8 @@ OVERESTIMATION_COLUMNS = ["variant", "statistic", "median_over_games", "mean_ove
 CLAIM_COLUMNS = ["variant", "baseline", "game", "variant_relative_action_gap", "baseline_relative_action_gap",
                  "relative_action_gap_increase", "relative_action_gap_increase_ci_low", "relative_action_gap_increase_ci_high",
                  "variant_overestimation", "baseline_overestimation", "overestimation_decrease_pct",
-                 "overestimation_decrease_pct_ci_low", "overestimation_decrease_pct_ci_high", "variant_relative_action_gap_runs", "baseline_relative_action_gap_runs",
-                 "variant_overestimation_runs", "baseline_overestimation_runs"]
+                 "overestimation_decrease_pct_ci_low", "overestimation_decrease_pct_ci_high", "variant_relative_action_gap_runs",
+                 "baseline_relative_action_gap_runs", "variant_overestimation_runs", "baseline_overestimation_runs"]
 MINATAR_GAME_COLUMNS = ["variant", "me_coef", "game", "seeds", "n_seeds", "points", "last_step", "auc", "auc_ci", "final_mean",
                         "final_ci", "finished"]
 MINATAR_AGGREGATE_COLUMNS = ["comparison", "variant", "metric", "value", "ci_low", "ci_high", "games", "seeds"]
