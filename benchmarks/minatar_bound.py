@@ -84,6 +84,15 @@ def measure(env_id: str, steps: int, learning_starts: int) -> dict:
             "sps": steps / wall}  # agent steps: env_calls also counts the autoreset steps between episodes
 
 
+def markdown(rows: list) -> list:
+    """The table of benchmarks/README.md, one line per measured game (a test holds the README to the committed JSON)."""
+    lines = ["| game | steps/s | update ms | act us | env us | bound (s) | loop (s) | share of the bound |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    return lines + [f"| {r['env_id'].split('/')[1].split('-')[0]} | {r['sps']:,.0f} | {r['update_ms']:.2f} | {r['act_us']:.0f} | "
+                    f"{r['env_us']:.0f} | {r['bound_seconds']:.1f} | {r['loop_seconds']:.1f} | {r['share_of_bound']:.3f} |"
+                    for r in rows]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-ids", nargs="+", default=["MinAtar/Breakout-v1"])
@@ -102,6 +111,7 @@ def main():
         print(f"{env_id}: {row['sps']:,.0f} steps/s; update {row['update_ms']:.3f} ms x {row['updates']:,}, act "
               f"{row['act_us']:.1f} us and env {row['env_us']:.1f} us x {row['env_calls']:,}: bound "
               f"{row['bound_seconds']:.1f} s of the loop's {row['loop_seconds']:.1f} s, share {row['share_of_bound']:.3f}")
+    print("\n".join(markdown(rows)))
     if args.json is not None:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),

@@ -173,3 +173,18 @@ def test_the_minatar_bound_times_every_update_action_and_env_step_of_one_real_ru
     refused = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "minatar_bound.py"), "--json", str(out)],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "exists" in refused.stderr
+    assert "| Breakout | " in proc.stdout and "| game | steps/s |" in proc.stdout  # the table it prints for the README
+
+
+def test_the_readme_minatar_bound_table_is_what_the_committed_json_gives():
+    """benchmarks/README.md's MinAtar table is minatar_bound.py's own table of the committed result file: not retyped."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import minatar_bound
+    finally:
+        sys.path.pop(0)
+    with open(os.path.join(ROOT, "benchmarks", "results", "2026-12-06_cpu-2core_minatar_bound.json")) as f:
+        rows = json.load(f)["rows"]
+    assert len(rows) == 5
+    with open(os.path.join(ROOT, "benchmarks", "README.md")) as f:
+        assert "\n".join(minatar_bound.markdown(rows)) in f.read()
