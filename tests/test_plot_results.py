@@ -3,6 +3,7 @@
 import csv
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -552,3 +553,30 @@ def test_the_committed_minatar_results_are_their_records_and_the_readme_copies_t
         with open(os.path.join(ROOT, page)) as f:
             text = f.read()
         assert [part for part in summary if f"\n{part}\n" not in text] == [], page
+
+
+def prose_after(text: str, start: str) -> str:
+    """The paragraphs of a page from the one that opens with `start` to the next heading."""
+    return text.split(start, 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_minatar_prose_takes_every_number_from_the_summary_or_from_students_t():
+    """The README's and docs/minatar.md's reading of the results retypes no number: each decimal and percentage in it is
+    one the committed summary prints, and 'N times wider than Student's t' is t's 97.5% quantile over 1.96."""
+    from scipy import stats
+
+    with open(os.path.join(ROOT, "docs", "minatar", "report.md")) as f:
+        summary = "\n".join(summary_block(f.read()))
+    printed = set(re.findall(r"\d+\.\d+|\d+", summary))
+    t_ratio = {f"{stats.t.ppf(0.975, seeds - 1) / 1.96:.1f}" for seeds in (2, 3, 5)}
+    for page, start in (("README.md", "What this shows so far."), (os.path.join("docs", "minatar.md"), "What this says")):
+        with open(os.path.join(ROOT, page)) as f:
+            prose = prose_after(f.read(), start)
+        decimals = re.findall(r"(?<![\d.])\d+\.\d+", prose)
+        percents = re.findall(r"(\d+)%", prose)
+        assert decimals, page  # the reading gives the aggregate's numbers
+        assert [n for n in decimals + percents if n not in printed | t_ratio] == [], page
+    with open(os.path.join(ROOT, "docs", "minatar.md")) as f:
+        widths = re.search(r"Student's t would be (\d+\.\d) times wider at 2 seeds,\s+(\d+\.\d) at 3 and (\d+\.\d) at 5",
+                           f.read())
+    assert widths and list(widths.groups()) == [f"{stats.t.ppf(0.975, n - 1) / 1.96:.1f}" for n in (2, 3, 5)]
