@@ -94,8 +94,8 @@ class Args:
     sticky_action_prob: float = 0.1
     """probability that the game repeats the previous action each step (sticky actions; MinAtar's default)"""
     full_action_space: bool = True
-    """play all 6 actions, whatever the id's version says (False: the game's minimal action set, where k's default
-    |A| is no longer 6)"""
+    """play all 6 actions, whatever the id's version says (False: the game's minimal action set, 3 to 6 actions, and
+    k's default |A| with it)"""
     difficulty_ramping: bool = True
     """whether the games speed up as they go (MinAtar's default)"""
     max_episode_steps: int = 100_000
@@ -744,7 +744,7 @@ def main(args: Args):
     longrun.check_command_line(args, ALGO, check_args(args), RESUME_MAY_CHANGE)  # every bad flag at once (exit 2)
     n_actions = game_actions(args)
     me_coef = default_me_coef(args, n_actions) if args.me_coef is None else float(args.me_coef)  # k
-    if args.me_coef is None and not args.full_action_space:
+    if args.me_coef is None and n_actions != 6:  # a minimal action set smaller than the full one (Seaquest's is all 6)
         warnings.warn(f"--no-full-action-space: k defaults to this game's |A| = {n_actions}, not to the full set's 6, "
                       "the authors' k = |A|; give --me-coef to choose", stacklevel=2)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dqn_atari_meanexp as dqn
+import dqn_minatar_meanexp as mz
 import iqn_atari_meanexp as iqn
 from conftest import ROOT
 from test_replay_buffer import make_stamp_envs, run_into_buffer
@@ -21,27 +22,28 @@ from test_resume import SMALL_IQN, TINY, load_model, scalars
 SCRIPTS = {"dqn": dqn, "iqn": iqn}
 
 
-def test_average_q_is_the_mean_of_the_last_1000_values_and_the_gap_record_empties_at_each_row():
-    state = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
+@pytest.mark.parametrize("script", [dqn, mz], ids=["atari", "minatar"])  # MinAtar's are the Atari script's, word for word
+def test_average_q_is_the_mean_of_the_last_1000_values_and_the_gap_record_empties_at_each_row(script):
+    state = script.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
     for batch in range(30):  # 1,200 values in batches of 40: the ring wraps, keeping 200..1199
-        dqn.record_q(state, torch.arange(40 * batch, 40 * batch + 40, dtype=torch.float32))
+        script.record_q(state, torch.arange(40 * batch, 40 * batch + 40, dtype=torch.float32))
     state.gap_record = [1.0, 2.0]
-    claims = dqn.claim_statistics(state)
+    claims = script.claim_statistics(state)
     assert claims["average_q"] == 699.5 and claims["average_action_gap"] == 1.5
     assert claims["relative_action_gap"] == 1.5 / (699.5 + 1e-8)
     assert state.gap_record == []  # the authors' record is emptied when a row reads it
-    again = dqn.claim_statistics(state)
+    again = script.claim_statistics(state)
     assert again["average_q"] == 699.5 and again["average_action_gap"] is None and again["relative_action_gap"] is None
-    split = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
+    split = script.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
     for batch in range(40):  # batches of 32: the 32nd batch straddles the ring's end, its last 8 values wrap to its start
-        dqn.record_q(split, torch.arange(32 * batch, 32 * batch + 32, dtype=torch.float32))
+        script.record_q(split, torch.arange(32 * batch, 32 * batch + 32, dtype=torch.float32))
     assert split.q_record.tolist() == [float(v if v >= 280 else v + 1000) for v in range(1000)]  # value v in slot v % 1000
-    assert split.q_recorded == 1280 and dqn.claim_statistics(split)["average_q"] == 779.5
-    fresh = dqn.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
-    assert dqn.claim_statistics(fresh) == {"average_q": None, "average_action_gap": None, "relative_action_gap": None}
-    dqn.record_q(fresh, torch.tensor([-4.0, -2.0]))  # the denominator is |average_q|
+    assert split.q_recorded == 1280 and script.claim_statistics(split)["average_q"] == 779.5
+    fresh = script.LoopState(obs=None, resetting=None, sums=None, bad_step=None, updates_from=(0, 0))
+    assert script.claim_statistics(fresh) == {"average_q": None, "average_action_gap": None, "relative_action_gap": None}
+    script.record_q(fresh, torch.tensor([-4.0, -2.0]))  # the denominator is |average_q|
     fresh.gap_record = [0.5]
-    assert dqn.claim_statistics(fresh)["relative_action_gap"] == 0.5 / (3.0 + 1e-8)
+    assert script.claim_statistics(fresh)["relative_action_gap"] == 0.5 / (3.0 + 1e-8)
 
 
 def stamped_buffer(num_envs=2, seed=3):

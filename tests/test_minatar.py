@@ -183,6 +183,12 @@ def test_bad_flags_are_refused_with_exit_2_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("k", [float("nan"), float("-inf"), -1.0])
+def test_a_k_that_is_not_a_finite_number_at_least_0_is_refused(k):
+    """--me-coef is optional (None: |A|), so the test over every plain float flag in test_bad_input.py passes it by."""
+    assert mz.check_args(mz.Args(me_coef=k)) == [f"--me-coef must be a finite number >= 0 (got {k}); 0 is plain DQN"]
+
+
 def test_without_minatar_the_error_gives_the_install_command(monkeypatch):
     monkeypatch.setattr(mz, "MINATAR_INSTALLED", False)
     errors = mz.check_args(mz.Args())
@@ -211,6 +217,12 @@ def test_a_minimal_action_set_with_the_default_k_warns_that_k_is_not_the_full_se
     quiet = run(tmp_path, *TINY, "--total-timesteps", "300", "--eval-interval", "0", "--no-full-action-space",
                 "--me-coef", "6", "--run-name", "chosen", "--save-model")
     assert "k defaults" not in quiet.stderr
+    seaquest = run(tmp_path, *TINY, "--total-timesteps", "300", "--eval-interval", "0", "--no-full-action-space",
+                   "--env-id", "MinAtar/Seaquest-v1", "--run-name", "seaquest")
+    assert "k defaults" not in seaquest.stderr  # Seaquest's minimal set is all 6 actions: k = |A| = 6 still
+    assert json.loads((tmp_path / "runs/seaquest/config.json").read_text())["me_coef"] == 6.0
+    minimal = {game: mz.game_actions(mz.Args(env_id=f"MinAtar/{game}-v1", full_action_space=False)) for game in mz.GAMES}
+    assert minimal == {"Asterix": 5, "Breakout": 3, "Freeway": 3, "Seaquest": 6, "SpaceInvaders": 4}
     # --eval-model: the saved network, on the run's own settings (its minimal action set), replays the final evaluation
     again = run(tmp_path, "--eval-model", "runs/chosen/dqn_minatar_meanexp.cleanrl_model")
     assert "evaluation of runs/chosen/dqn_minatar_meanexp.cleanrl_model" in again.stdout
@@ -230,5 +242,9 @@ def test_ctrl_c_keeps_the_work_with_a_checkpoint_and_exit_130(tmp_path):
     assert (tmp_path / "runs/cut/checkpoint.pt").exists() and not (tmp_path / "runs/cut/final_eval.json").exists()
 
 
-def test_the_registered_ids_are_minatars_own():
-    assert all(f"MinAtar/{game}-v1" in gym.registry for game in mz.GAMES)
+def test_the_ids_are_minatars_own_registrations_of_its_five_games():
+    """Importing the script registers MinAtar's ids through minatar itself (no id of ours), each naming its game."""
+    for game in mz.GAMES:
+        spec = gym.spec(f"MinAtar/{game}-v1")
+        assert spec.entry_point == "minatar.gym:BaseEnv", spec
+        assert spec.kwargs["game"] == {"SpaceInvaders": "space_invaders"}.get(game, game.lower())
