@@ -124,6 +124,8 @@ def test_a_short_run_learns_breakout_and_records_its_evaluations_and_claim_stati
     assert [s for s, _ in logs["eval/episodic_return"]] == [5000, 10000, 15000]
     assert [s for s, _ in logs["claims/relative_action_gap"]] == [5000, 10000, 15000]  # target syncs every 1,000 steps
     assert all(np.isfinite(v) for _, v in logs["losses/td_loss"])
+    assert len(logs["charts/SPS"]) == 15 and all(v > 0 for _, v in logs["charts/SPS"])  # one a log interval
+    assert "step 15,000/15,000 (100.0%)" in proc.stdout and "ETA none: training is done" in proc.stdout
     assert (tmp_path / "runs/short/dqn_minatar_meanexp_best.cleanrl_model").exists()
 
 
