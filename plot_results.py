@@ -257,13 +257,14 @@ def human_normalized(score, game: str, game_scores: dict):
 
 
 def rectangular(by_game: dict):
-    """rliable needs the same number of seeds S for every game. S is the most common count (the larger
-    on a tie); games with fewer seeds are left out, games with more use their S lowest seeds.
+    """rliable needs the same number of seeds S for every game. S is the count that uses the most runs, S x the games
+    with at least S seeds (the larger S on a tie): games with fewer seeds are left out, games with more use their S
+    lowest seeds: 5 games at 2 seeds (10 runs) rather than the 3 of them that have a third seed (9 runs).
     by_game: {game: {seed: value}}. Returns (games, seeds per game, what was left out, as sentences)."""
-    counts = collections.Counter(len(seeds) for seeds in by_game.values())
+    counts = {len(seeds) for seeds in by_game.values() if seeds}
     if not counts:
         return [], {}, []
-    s = max(counts, key=lambda n: (counts[n], n))
+    s = max(counts, key=lambda n: (n * sum(len(seeds) >= n for seeds in by_game.values()), n))
     games = sorted(g for g, seeds in by_game.items() if len(seeds) >= s)
     chosen = {g: sorted(by_game[g])[:s] for g in games}
     notes = [f"{g}: only {len(seeds)} of {s} seeds, left out" for g, seeds in sorted(by_game.items()) if len(seeds) < s]

@@ -295,6 +295,20 @@ def test_k_sensitivity_is_the_auc_of_the_mean_over_seeds_per_game_and_k(tmp_path
     assert "dueling" not in section and "rmsprop" not in section  # one k each: no sweep, nothing to say
 
 
+def test_an_aggregate_uses_the_seed_count_that_uses_the_most_runs():
+    def by_game(*counts):
+        return {f"g{i}": {seed: float(seed) for seed in range(1, n + 1)} for i, n in enumerate(counts)}
+
+    games, chosen, notes = plot_results.rectangular(by_game(3, 3, 3, 2, 2))  # 5 x 2 = 10 runs beat 3 x 3 = 9
+    assert games == ["g0", "g1", "g2", "g3", "g4"] and set(map(tuple, chosen.values())) == {(1, 2)}
+    assert notes == [f"g{i}: seeds [3] not used (the others have 2)" for i in range(3)]
+    games, chosen, notes = plot_results.rectangular(by_game(3, 3, 3, 3, 2))  # 4 x 3 = 12 beat 5 x 2 = 10
+    assert games == ["g0", "g1", "g2", "g3"] and notes == ["g4: only 2 of 3 seeds, left out"]
+    games, chosen, notes = plot_results.rectangular(by_game(2, 2, 1, 1))  # 2 x 2 = 4 x 1: the larger count
+    assert games == ["g0", "g1"] and chosen == {"g0": [1, 2], "g1": [1, 2]}
+    assert plot_results.rectangular({}) == ([], {}, [])
+
+
 def test_video_pinball_is_normalized_with_the_authors_random_score_unless_told_otherwise(tmp_path):
     import plot_results
 
