@@ -940,7 +940,11 @@ def minatar_summary(per_game: list, aggregate: list, claims: list) -> list:
                     else f"{r['value']:{form}} (no interval: one seed)")
 
         if (variant, "iqm_normalized_auc") in found:
-            lines += ["", f"IQM of the baseline-normalized AUC over {found[(variant, 'iqm_normalized_auc')]['games']} games: "
+            used = {name: found[(name, "iqm_normalized_auc")]["seeds"] for name in (variant, baseline)}
+            each = (f"{used[variant]} seed{'s' * (used[variant] > 1)} each" if used[variant] == used[baseline] else
+                    f"{variant} {used[variant]} seeds each, {baseline} {used[baseline]}")
+            lines += ["", f"IQM of the baseline-normalized AUC over {found[(variant, 'iqm_normalized_auc')]['games']} games, "
+                      f"{each}: "
                       f"{variant} {estimate(variant, 'iqm_normalized_auc', '.2f')}, {baseline} "
                       f"{estimate(baseline, 'iqm_normalized_auc', '.2f')}; probability of improvement "
                       f"{estimate(variant, 'probability_of_improvement', '.2f')}."]

@@ -506,7 +506,7 @@ def test_minatar_aucs_intervals_and_the_normalized_iqm_equal_a_hand_computation(
             "+0.2500 (+0.2500 to +0.2500) | 50 (50 to 50) |") in report  # every seed has the same claim numbers
     assert "| game | AUC, DQN (k = 0) | AUC, IB-DQN(k) (k = \\|A\\|) | relative action gap increase |" in report
     value, low, high, _ = aggregate(table, "IB-DQN(k)", "iqm_normalized_auc")
-    assert f"over 2 games: IB-DQN(k) {value:.2f} (95% interval {low:.2f} to {high:.2f}), DQN 1.00 (95% interval" in report
+    assert f"over 2 games, 4 seeds each: IB-DQN(k) {value:.2f} (95% interval {low:.2f} to {high:.2f}), DQN 1.00 (95% interval" in report
     assert ("IB-DQN(k) against DQN: relative action gap larger on 2 of 2 games, its interval above 0 on 2 and below 0 on 0 "
             "of the 2 with one; overestimation smaller on 2 of 2 games, its interval above 0 on 2") in report
     for name in ("minatar_curves.png", "minatar_aggregate.png", "minatar_claims_relative_action_gap_increase_ib_dqn_k_vs_dqn.png"):
