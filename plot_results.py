@@ -831,28 +831,26 @@ def minatar_per_game(variants: dict) -> tuple:
 
 def minatar_aggregate(variants: dict, aucs: dict, args: Args) -> tuple:
     """minatar_aggregate.csv's rows: for each mean-expansion variant against its baseline, on the games both have, each
-    seed's AUC divided by the baseline's mean AUC over its seeds on that game (so the baseline's mean is 1 on every game);
-    the IQM over the (seeds x games) matrix of each side with 95% stratified bootstrap intervals, and the probability that
-    the variant's AUC beats the baseline's on a game (rliable). Returns (rows, notes)."""
+    seed's AUC divided by the baseline's mean AUC on that game over the seeds the aggregate uses (so the baseline's mean
+    is 1 on every game); the IQM over the (seeds x games) matrix of each side with 95% stratified bootstrap intervals,
+    and the probability that the variant's AUC beats the baseline's on a game (rliable). Returns (rows, notes)."""
     rows, notes = [], []
     for variant, baseline in comparisons(variants):
         games = sorted(g for (v, g) in aucs if v == variant and (baseline, g) in aucs)
-        usable = [g for g in games if np.mean(list(aucs[(baseline, g)].values())) > 0]
-        notes += [f"{variant} vs {baseline}, {g}: the baseline's mean AUC is not > 0: no normalized AUC"
-                  for g in games if g not in usable]
-        matrices = {}
-        for side in (variant, baseline):
-            by_game = {g: {seed: auc / np.mean(list(aucs[(baseline, g)].values())) for seed, auc in aucs[(side, g)].items()}
-                       for g in usable}
-            side_games, chosen, side_notes = rectangular(by_game)
+        picked = {}
+        for side in (variant, baseline):  # which seeds of each game (rliable's matrix is rectangular)
+            side_games, chosen, side_notes = rectangular({g: aucs[(side, g)] for g in games})
             notes += [f"{variant} vs {baseline}, {side}: {n}" for n in side_notes]
-            if side_games:
-                matrices[side] = (to_matrix(by_game, side_games, chosen), side_games)
-        if len(matrices) < 2:
+            picked[side] = chosen
+        both = [g for g in games if g in picked[variant] and g in picked[baseline]]
+        scale = {g: np.mean([aucs[(baseline, g)][seed] for seed in picked[baseline][g]]) for g in both}
+        common = [g for g in both if scale[g] > 0]
+        notes += [f"{variant} vs {baseline}, {g}: the baseline's mean AUC is not > 0: no normalized AUC"
+                  for g in both if g not in common]
+        if not common:
             continue
-        (x, x_games), (y, y_games) = matrices[variant], matrices[baseline]
-        common = [g for g in x_games if g in y_games]
-        x, y = x[:, [x_games.index(g) for g in common]], y[:, [y_games.index(g) for g in common]]
+        x, y = (np.array([[aucs[(side, g)][picked[side][g][i]] / scale[g] for g in common]
+                          for i in range(len(picked[side][common[0]]))]) for side in (variant, baseline))
         point, ci = interval_estimates({variant: x, baseline: y}, metrics.aggregate_iqm, args.reps, args.seed)
         for side, matrix in ((variant, x), (baseline, y)):
             rows.append(dict(comparison=f"{variant} vs {baseline}", variant=side, metric="iqm_normalized_auc",
@@ -989,8 +987,8 @@ def minatar_sections(variants: dict, all_games: list, args: Args) -> tuple:
              "errors over seeds. Final score: the best network's final evaluation. Every number: `minatar_per_game.csv`.", "",
              markdown_table(cells, list(cells[0])) if cells else "No evaluation yet.", "",
              "### Aggregate: IQM of the baseline-normalized AUC", "",
-             "Normalization: each seed's AUC divided by the baseline's mean AUC over its seeds on the same game (the "
-             "baseline's is 1 on every game). IQM over the (seeds x games) matrix with 95% stratified bootstrap intervals "
+             "Normalization: each seed's AUC divided by the baseline's mean AUC on the same game over the seeds the "
+             "aggregate uses (the baseline's is 1 on every game). IQM over the (seeds x games) matrix with 95% stratified bootstrap intervals "
              f"({args.reps} resamples), and the probability that the variant's AUC beats the baseline's on a game (rliable).",
              "", markdown_table(aggregate, MINATAR_AGGREGATE_COLUMNS) if aggregate else "No game has both sides yet.", ""]
     lines += claims_report(claims, "### Claims 2 and 3 on MinAtar (the authors' computation)", "minatar_claims.csv")

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -307,6 +308,17 @@ def test_an_aggregate_uses_the_seed_count_that_uses_the_most_runs():
     games, chosen, notes = plot_results.rectangular(by_game(2, 2, 1, 1))  # 2 x 2 = 4 x 1: the larger count
     assert games == ["g0", "g1"] and chosen == {"g0": [1, 2], "g1": [1, 2]}
     assert plot_results.rectangular({}) == ([], {}, [])
+
+
+def test_the_minatar_aggregate_normalizes_by_the_seeds_it_uses():
+    aucs = {("IB", g): {1: 3.0, 2: 5.0} for g in ("a", "b")}
+    aucs.update({("DQN", "a"): {1: 2.0, 2: 2.0, 3: 8.0}, ("DQN", "b"): {1: 1.0, 2: 3.0}})  # a's seed 3: not in the aggregate
+    variants = {"IB": [types.SimpleNamespace(baselines=["DQN"])], "DQN": [types.SimpleNamespace(baselines=[])]}
+    rows, notes = plot_results.minatar_aggregate(variants, aucs, plot_results.Args(reps=50))
+    iqm = {r["variant"]: r for r in rows if r["metric"] == "iqm_normalized_auc"}
+    assert (iqm["DQN"]["value"], iqm["DQN"]["seeds"], iqm["DQN"]["games"]) == (1.0, 2, 2)  # 2 / 2 and (1, 3) / 2, not 2 / 4
+    assert iqm["IB"]["value"] == pytest.approx(np.mean([1.5, 2.5]))  # the middle half of 1.5, 2.5, 1.5, 2.5 (a's / 2, b's / 2)
+    assert notes == ["IB vs DQN, DQN: a: seeds [3] not used (the others have 2)"]
 
 
 def test_video_pinball_is_normalized_with_the_authors_random_score_unless_told_otherwise(tmp_path):
