@@ -15,9 +15,9 @@ is the authors' choice of k; --me-coef 1 is their "safe" value.
 How to read this script, top to bottom: Args (defaults: the protocol); the mean-expansion head and the network; the
 environment; the replay buffer; the loss and the update; evaluation; the training loop: the flags' checks, `main` (|A|, k,
 device, the run, seeds, buffer, networks, envs), `train` (act, step, store, learn, sync, log, evaluate, checkpoint) and
-`save_checkpoint` (what a checkpoint holds). The vector envs, the replay buffer, evaluation and the loop are
-dqn_atari_meanexp.py's, word for word but for the frame's shape (tests/test_shared_code.py): `diff` the two to see what
-MinAtar changes. The long-run machinery (run directory, checkpoint
+`save_checkpoint` (what a checkpoint holds). The vector envs, the replay buffer (but for its stack of one frame), the
+update, evaluation and the loop are dqn_atari_meanexp.py's, word for word; `main` differs in the frame's shape and the
+minimal-action-set warning (tests/test_shared_code.py): `diff` the two to see what MinAtar changes. The long-run machinery (run directory, checkpoint
 files, signals, memory, disk, progress, --track) is longrun.py beside it: a library it calls, which a first reading can skip.
 """
 
