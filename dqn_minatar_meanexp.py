@@ -17,8 +17,9 @@ environment; the replay buffer; the loss and the update; evaluation; the trainin
 device, the run, seeds, buffer, networks, envs), `train` (act, step, store, learn, sync, log, evaluate, checkpoint) and
 `save_checkpoint` (what a checkpoint holds). The vector envs, the replay buffer (but for its stack of one frame), the
 update, evaluation and the loop are dqn_atari_meanexp.py's, word for word; `main` differs in the frame's shape and the
-minimal-action-set warning (tests/test_shared_code.py): `diff` the two to see what MinAtar changes. The long-run machinery (run directory, checkpoint
-files, signals, memory, disk, progress, --track) is longrun.py beside it: a library it calls, which a first reading can skip.
+minimal-action-set warning (tests/test_shared_code.py): `diff` the two to see what MinAtar changes. The long-run
+machinery (run directory, checkpoint files, signals, memory, disk, progress, --track) is longrun.py beside it: a library
+it calls, which a first reading can skip.
 """
 
 import atexit
