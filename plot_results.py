@@ -839,7 +839,7 @@ def minatar_aggregate(variants: dict, aucs: dict, args: Args) -> tuple:
         games = sorted(g for (v, g) in aucs if v == variant and (baseline, g) in aucs)
         picked = {}
         for side in (variant, baseline):  # which seeds of each game (rliable's matrix is rectangular)
-            side_games, chosen, side_notes = rectangular({g: aucs[(side, g)] for g in games})
+            _, chosen, side_notes = rectangular({g: aucs[(side, g)] for g in games})
             notes += [f"{variant} vs {baseline}, {side}: {n}" for n in side_notes]
             picked[side] = chosen
         both = [g for g in games if g in picked[variant] and g in picked[baseline]]
@@ -849,8 +849,8 @@ def minatar_aggregate(variants: dict, aucs: dict, args: Args) -> tuple:
                   for g in both if g not in common]
         if not common:
             continue
-        x, y = (np.array([[aucs[(side, g)][picked[side][g][i]] / scale[g] for g in common]
-                          for i in range(len(picked[side][common[0]]))]) for side in (variant, baseline))
+        x, y = (to_matrix({g: aucs[(side, g)] for g in common}, common, picked[side], lambda g, auc: auc / scale[g])
+                for side in (variant, baseline))
         point, ci = interval_estimates({variant: x, baseline: y}, metrics.aggregate_iqm, args.reps, args.seed)
         for side, matrix in ((variant, x), (baseline, y)):
             rows.append(dict(comparison=f"{variant} vs {baseline}", variant=side, metric="iqm_normalized_auc",
@@ -988,8 +988,8 @@ def minatar_sections(variants: dict, all_games: list, args: Args) -> tuple:
              markdown_table(cells, list(cells[0])) if cells else "No evaluation yet.", "",
              "### Aggregate: IQM of the baseline-normalized AUC", "",
              "Normalization: each seed's AUC divided by the baseline's mean AUC on the same game over the seeds the "
-             "aggregate uses (the baseline's is 1 on every game). IQM over the (seeds x games) matrix with 95% stratified bootstrap intervals "
-             f"({args.reps} resamples), and the probability that the variant's AUC beats the baseline's on a game (rliable).",
+             "aggregate uses (the baseline's is 1 on every game). IQM over the (seeds x games) matrix with 95% "
+             f"stratified bootstrap intervals ({args.reps} resamples), and the probability that the variant's AUC beats the baseline's on a game (rliable).",
              "", markdown_table(aggregate, MINATAR_AGGREGATE_COLUMNS) if aggregate else "No game has both sides yet.", ""]
     lines += claims_report(claims, "### Claims 2 and 3 on MinAtar (the authors' computation)", "minatar_claims.csv")
     missing = missing_data(variants, all_games, {}, {}, []) + notes + aggregate_notes
