@@ -596,7 +596,7 @@ def test_the_minatar_prose_takes_every_number_from_the_summary_or_from_students_
     printed = set(re.findall(r"\d+\.\d+|\d+", summary))
     # 2 to 5 seeds a game, the campaign's
     t_ratio = {f"{stats.t.ppf(0.975, seeds - 1) / 1.96:.1f}" for seeds in range(2, 6)}
-    for page, start in (("README.md", "What this shows so far."), (os.path.join("docs", "minatar.md"), "What this says")):
+    for page, start in (("README.md", "What this shows."), (os.path.join("docs", "minatar.md"), "What this says")):
         with open(os.path.join(ROOT, page)) as f:
             prose = prose_after(f.read(), start)
         decimals = re.findall(r"(?<![\d.])\d+\.\d+", prose)
